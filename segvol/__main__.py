@@ -1,0 +1,5 @@
+import sys
+
+from segvol.cli import main
+
+sys.exit(main())

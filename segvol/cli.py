@@ -1,0 +1,142 @@
+"""``python -m segvol``: segment a CT from the command line, list the categories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("segvol")
+
+DEFAULT_CACHE = Path(os.environ.get("SEGVOL_HOME", Path.home() / ".cache" / "segvol"))
+
+SEGMENT_EPILOG = """\
+Prompts are voxel indices (i, j, k) of the image array as stored, the convention of
+OHIF and 3D Slicer. Give any combination of --text, --box and points:
+  python -m segvol segment --image ct.nii.gz --output liver.nii.gz --text liver
+  python -m segvol segment --image ct.nii.gz --output m.nii.gz --text liver spleen   (label map 1, 2)
+  python -m segvol segment --image ct.nii.gz --output m.nrrd --box 30 50 20 60 90 35
+  python -m segvol segment --image ct.nii.gz --output m.nii.gz --point 110 86 25 --negative-point 41 70 26
+Weights: --weights takes a BAAI/SegVol snapshot folder, pytorch_model.bin, model.safetensors
+or SegVol_v1.pth. Without it, the snapshot is looked for in $SEGVOL_HOME (default
+~/.cache/segvol) and downloaded there from Hugging Face on first use.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m segvol", description="SegVol: text, point and box prompted CT segmentation.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every stage")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment one volume", epilog=SEGMENT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--image", required=True, type=Path, help="CT volume in HU (.nii, .nii.gz, .nrrd)")
+    s.add_argument("--output", required=True, type=Path, help="mask to write (uint8, the image's grid and affine)")
+    s.add_argument("--weights", type=Path, help="snapshot folder or checkpoint file (default: cache / download)")
+    s.add_argument("--text", nargs="+", default=[], metavar="NAME",
+                   help="category name(s); several give a label map with values 1..N in this order")
+    s.add_argument("--box", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                   help="inclusive box in voxel indices")
+    s.add_argument("--point", nargs=3, type=int, action="append", default=[], metavar=("I", "J", "K"),
+                   help="positive click (repeatable)")
+    s.add_argument("--negative-point", nargs=3, type=int, action="append", default=[], metavar=("I", "J", "K"),
+                   help="negative click (repeatable)")
+    s.add_argument("--no-zoom-in", action="store_true", help="stop after the zoom-out pass (faster, coarser)")
+    s.add_argument("--logits", type=Path, help="also write float32 logits of the first target (-1000 where unseen)")
+    s.add_argument("--report", type=Path, help="write a JSON record: crop, model-space prompts, ROI, windows, timings")
+    s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    s.add_argument("--verify-sha256", action="store_true", help="check the weights against the official hash")
+
+    c = sub.add_parser("categories", help="list the categories SegVol was trained with")
+    c.add_argument("--search", default="", help="only names or synonyms containing this text")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _label_map(masks: list[np.ndarray], logits: list[np.ndarray]) -> np.ndarray:
+    """One uint8 map: value n+1 where target n is foreground; overlaps go to the highest logit."""
+    if len(masks) == 1:
+        return masks[0]
+    stacked = np.where(np.stack(masks).astype(bool), np.stack(logits), -np.inf)
+    best = stacked.argmax(axis=0).astype(np.uint8) + 1
+    return np.where(np.isfinite(stacked.max(axis=0)), best, 0).astype(np.uint8)
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from segvol.engine import SegVolPredictor
+    from segvol.io import read_volume, write_like
+    from segvol.preprocess import check_volume
+    from segvol.prompts import Prompt
+    from segvol.vocabulary import resolve_texts
+    from segvol.weights import find_or_download, load_segvol
+
+    t0 = time.perf_counter()
+    volume = read_volume(a.image)
+    texts = resolve_texts(a.text)
+    points = a.point + a.negative_point
+    labels = [1] * len(a.point) + [0] * len(a.negative_point)
+    check_volume(volume.array)
+    shape = volume.array.shape
+    prompts = [Prompt.make(shape, t.name if t else None, points, labels, a.box) for t in (texts or [None])]
+    weights = find_or_download(a.weights, DEFAULT_CACHE)
+    model = load_segvol(weights, verify=a.verify_sha256)
+    predictor = SegVolPredictor(model, a.device, zoom_in=not a.no_zoom_in)
+    log.info("loaded %s on %s in %.1f s", weights, predictor.device, time.perf_counter() - t0)
+    predictor.set_image(volume.array)
+    targets = predictor.predict(prompts)
+    masks = [predictor.mask_on_image(t) for t in targets]
+    logits = [predictor.logits_on_image(t) for t in targets]
+    write_like(volume, _label_map(masks, logits), a.output)
+    names = [t.typed for t in texts] if texts else ["target"]
+    sidecar = a.output.with_name(a.output.name.split(".")[0] + ".labels.json")
+    sidecar.write_text(json.dumps({n: i + 1 for i, n in enumerate(names)}, indent=1) + "\n")
+    if a.logits:
+        write_like(volume, logits[0].astype(np.float32), a.logits)
+    if a.report:
+        a.report.write_text(json.dumps({
+            "image": str(a.image), "weights": str(weights), "device": str(predictor.device),
+            "labels": {n: i + 1 for i, n in enumerate(names)},
+            "texts": [{"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)}
+                      for t in texts],
+            "targets": [t.trace for t in targets],
+            "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
+            "stats": dict(predictor.stats),
+        }, indent=1) + "\n")
+    for n, m in zip(names, masks):
+        log.info("%s: %d voxels", n, int(m.sum()))
+    log.info("wrote %s (labels %s) in %.1f s", a.output, sidecar, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_categories(a: argparse.Namespace) -> int:
+    from segvol.vocabulary import default_vocabulary
+
+    found = default_vocabulary().search(a.search)
+    if a.json:
+        print(json.dumps([{"index": c.index, "name": c.name, "preferred_name": c.preferred_name,
+                           "region": c.region, "type": c.type} for c in found], indent=1))
+        return 0
+    for c in found:
+        extra = f"  (= {c.preferred_name})" if c.preferred_name != c.name else ""
+        print(f"{c.index:4d}  {c.name}{extra}  [{c.region or '-'}, {c.type or '-'}]")
+    print(f"{len(found)} categories", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose or a.command == "segment" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from segvol.errors import USER_ERRORS
+
+    try:
+        return {"segment": cmd_segment, "categories": cmd_categories}[a.command](a)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,321 @@
+"""Zoom-out-zoom-in inference with encodings kept per image (a SAM-style predictor).
+
+``set_image`` preprocesses once; the zoom-out embedding and every zoom-in window
+embedding are computed at most once per image, so a further prompt (a click, another
+category) costs decoder passes only, plus encoder passes for windows not seen yet.
+Several prompts in one ``predict`` call share all encoder passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segvol.model import SegVol
+from segvol.preprocess import PreparedImage, prepare, to_image_grid
+from segvol.prompts import (
+    NO_BOX,
+    Prompt,
+    box_to_model,
+    mask_box,
+    model_box_on_crop,
+    points_to_crop,
+    points_to_model,
+)
+
+log = logging.getLogger(__name__)
+
+WindowKey = tuple[tuple[int, int, int], ...]
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+@dataclass
+class Window:
+    """One sliding-window position: where it sits in the padded ROI and what it contains."""
+
+    start: tuple[int, int, int]  # in the padded ROI
+    key: WindowKey  # per axis (crop from, crop to, offset in window): identifies the content
+    box: tuple[int, ...] | None = None
+    points: list[tuple[int, int, int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """Zoom-in plan of one target."""
+
+    roi: tuple[tuple[int, int], ...]  # slices of the crop grid
+    pad: tuple[int, int, int]  # zero padding before, per axis (after = the rest)
+    padded: tuple[int, int, int]
+    windows: list[Window]
+
+
+@dataclass
+class Target:
+    """Result of one prompt: final logits on the crop grid and a record of what the model saw."""
+
+    prompt: Prompt
+    logits: torch.Tensor  # (d, h, w) float32, crop grid, CPU
+    trace: dict
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Window starts along one (padded) axis, as MONAI's dense patch slicing places them."""
+    interval = window if window == size else max(int(window * (1 - overlap)), 1)
+    starts = []
+    for idx in range(math.ceil(size / interval)):
+        s = idx * interval
+        starts.append(s - max(s + window - size, 0))
+        if s + window >= size:
+            break
+    return starts
+
+
+def roi_from_mask(mask: torch.Tensor, window: tuple[int, int, int]) -> tuple[tuple[int, int], ...] | None:
+    """ROI slices around the coarse mask, widened towards the window size as the official code does
+    (including its upper clamp to the size, so an odd shortfall leaves the ROI one voxel short)."""
+    nz = torch.nonzero(mask)
+    if nz.shape[0] == 0:
+        return None
+    roi = []
+    for ax in range(3):
+        lo, hi = int(nz[:, ax].min()), int(nz[:, ax].max())
+        half = max(0, window[ax] - (hi - lo + 1)) // 2
+        lo, hi = max(0, lo - half), min(mask.shape[ax], hi + half)
+        roi.append((lo, min(hi + 1, mask.shape[ax])))
+    return tuple(roi)
+
+
+class SegVolPredictor:
+    """SegVol on one image at a time, with its encodings cached."""
+
+    def __init__(
+        self,
+        model: SegVol,
+        device: str | torch.device = "auto",
+        zoom_in: bool = True,
+        overlap: float = 0.5,
+        window_batch: int = 1,
+    ) -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.size = tuple(model.config.spatial_size)
+        self.zoom_in = zoom_in
+        self.overlap = overlap
+        self.window_batch = max(1, window_batch)
+        self.image: PreparedImage | None = None
+        self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
+        self.timings: dict[str, float] = defaultdict(float)
+        self._text_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self.reset_image()
+
+    # ------------------------------------------------------------------ image
+    def set_image(self, image_ijk: np.ndarray) -> None:
+        """Preprocess an (i, j, k) volume; encodings are computed lazily and kept."""
+        t0 = time.perf_counter()
+        prepared = prepare(image_ijk, self.size)
+        if self.image is not None and prepared.key == self.image.key:
+            return
+        self.reset_image()
+        self.image = prepared
+        self.timings["preprocess"] += time.perf_counter() - t0
+        log.info("image %s: shape %s, crop %s..%s", prepared.key[:8], prepared.shape_ijk,
+                 prepared.crop.start_ijk, prepared.crop.stop_ijk)
+
+    def reset_image(self) -> None:
+        self.image = None
+        self._zoom_out_embedding: torch.Tensor | None = None
+        self._windows: dict[WindowKey, torch.Tensor] = {}
+
+    def _require_image(self) -> PreparedImage:
+        if self.image is None:
+            raise RuntimeError("no image set: call set_image first")
+        return self.image
+
+    # ------------------------------------------------------------------ encoders
+    @torch.no_grad()
+    def _encode(self, volumes: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        t0 = time.perf_counter()
+        for i in range(0, len(volumes), self.window_batch):
+            batch = torch.stack(volumes[i:i + self.window_batch])[:, None].to(self.device)
+            emb = self.model.encode_image(batch)
+            out.extend(emb[j:j + 1] for j in range(emb.shape[0]))
+            self.stats["encoder_windows"] += batch.shape[0]
+        self._sync()
+        self.timings["encode"] += time.perf_counter() - t0
+        return out
+
+    def zoom_out_embedding(self) -> torch.Tensor:
+        image = self._require_image()
+        if self._zoom_out_embedding is None:
+            (self._zoom_out_embedding,) = self._encode([image.zoom_out])
+        return self._zoom_out_embedding
+
+    @torch.no_grad()
+    def text_embedding(self, name: str) -> tuple[torch.Tensor, list[int]]:
+        if name not in self._text_cache:
+            t0 = time.perf_counter()
+            ids = self.model.text_encoder.tokenize([name])["input_ids"][0].tolist()
+            self._text_cache[name] = (self.model.encode_text([name]), ids)
+            self.timings["text"] += time.perf_counter() - t0
+        return self._text_cache[name]
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def _decode(self, embedding, text_emb, box, points, labels) -> torch.Tensor:
+        t0 = time.perf_counter()
+        boxes = torch.tensor([box], dtype=torch.float32, device=self.device) if box is not None else None
+        pts = None
+        if points:
+            pts = (
+                torch.tensor([points], dtype=torch.float32, device=self.device),
+                torch.tensor([labels], dtype=torch.float32, device=self.device),
+            )
+        logits = self.model.decode(embedding, text_emb, boxes, pts)
+        self.stats["decoder_passes"] += 1
+        self._sync()
+        self.timings["decode"] += time.perf_counter() - t0
+        return logits[0, 0]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _plan(self, prompt: Prompt, coarse: torch.Tensor, model_box) -> Plan | None:
+        image = self._require_image()
+        preds = torch.sigmoid(coarse) > 0.5
+        roi = roi_from_mask(preds, self.size)
+        if roi is None:
+            return None
+        lengths = [b - a for a, b in roi]
+        padded = tuple(max(n, w) for n, w in zip(lengths, self.size))
+        pad = tuple((p - n) // 2 for p, n in zip(padded, lengths))
+        per_axis = [window_starts(padded[ax], self.size[ax], self.overlap) for ax in range(3)]
+        starts = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
+        roi_preds = preds[tuple(slice(a, b) for a, b in roi)]
+        padded_preds = F.pad(roi_preds, [p for ax in (2, 1, 0) for p in (pad[ax], padded[ax] - lengths[ax] - pad[ax])])
+        padded_preds = padded_preds.cpu().numpy()
+        clicks = points_to_crop(prompt.points, image.crop) if prompt.points else []
+        windows = []
+        for s in starts:
+            key = []
+            for ax in range(3):
+                p0, p1 = s[ax] - pad[ax], s[ax] + self.size[ax] - pad[ax]
+                a, b = max(p0, 0), min(p1, lengths[ax])
+                key.append((roi[ax][0] + a, roi[ax][0] + b, max(-p0, 0)))
+            win = Window(s, tuple(key))
+            in_window = padded_preds[tuple(slice(s[ax], s[ax] + self.size[ax]) for ax in range(3))]
+            if prompt.points:
+                win.box = mask_box(in_window)
+                for c, lab in zip(clicks, prompt.point_labels):
+                    w = tuple(c[ax] - roi[ax][0] + pad[ax] - s[ax] for ax in range(3))
+                    if all(0 <= w[ax] < self.size[ax] for ax in range(3)):
+                        win.points.append(w)
+                        win.labels.append(lab)
+            elif prompt.box is not None:
+                if len(starts) == 1:
+                    win.box = model_box_on_crop(model_box, image.crop.shape, self.size, roi)
+                else:
+                    win.box = mask_box(in_window)
+            windows.append(win)
+        return Plan(roi, pad, padded, windows)
+
+    def _window_volume(self, key: WindowKey) -> torch.Tensor:
+        image = self._require_image()
+        vol = torch.zeros(self.size, dtype=torch.float32)
+        src = tuple(slice(a, b) for a, b, _ in key)
+        dst = tuple(slice(o, o + b - a) for a, b, o in key)
+        vol[dst] = image.zoom_in[src]
+        return vol
+
+    def predict(self, prompts: list[Prompt], zoom_in: bool | None = None) -> list[Target]:
+        """Segment one target per prompt. Prompts must be valid for the current image."""
+        image = self._require_image()
+        zoom_in = self.zoom_in if zoom_in is None else zoom_in
+        embedding = self.zoom_out_embedding()
+        crop = image.crop
+        staged = []
+        for prompt in prompts:
+            trace: dict = {
+                "crop": {"start_dhw": list(crop.start), "stop_dhw": list(crop.stop),
+                         "start_ijk": list(crop.start_ijk), "stop_ijk": list(crop.stop_ijk)},
+                "model_space": {},
+            }
+            text_emb = None
+            if prompt.text is not None:
+                text_emb, ids = self.text_embedding(prompt.text)
+                trace["model_space"].update(text=prompt.text, token_ids=ids)
+            model_box = box_to_model(prompt.box, crop, self.size) if prompt.box is not None else None
+            model_points = points_to_model(prompt.points, crop, self.size) if prompt.points else []
+            trace["model_space"].update(box_dhw=model_box and list(model_box),
+                                        points_dhw=[list(p) for p in model_points] or None,
+                                        point_labels=list(prompt.point_labels) or None)
+            low = self._decode(embedding, text_emb, model_box, model_points, list(prompt.point_labels))
+            coarse = F.interpolate(low[None, None], size=crop.shape, mode="nearest")[0, 0]
+            plan = self._plan(prompt, coarse, model_box) if zoom_in else None
+            staged.append((prompt, text_emb, coarse, plan, trace))
+        # encode every window not yet cached, all targets together
+        needed = [w.key for *_, plan, _ in staged if plan for w in plan.windows]
+        missing = list(dict.fromkeys(k for k in needed if k not in self._windows))
+        if missing:
+            for key, emb in zip(missing, self._encode([self._window_volume(k) for k in missing])):
+                self._windows[key] = emb
+        return [self._finish(*s) for s in staged]
+
+    def _finish(self, prompt, text_emb, coarse, plan: Plan | None, trace) -> Target:
+        if plan is None:
+            trace["zoom_in"] = None
+            return Target(prompt, coarse.cpu(), trace)
+        total = torch.zeros(plan.padded, dtype=torch.float32, device=self.device)
+        count = torch.zeros(plan.padded, dtype=torch.float32, device=self.device)
+        windows = []
+        for win in plan.windows:
+            logits = self._decode(self._windows[win.key], text_emb, win.box, win.points, win.labels)
+            sl = tuple(slice(s, s + w) for s, w in zip(win.start, self.size))
+            total[sl] += logits
+            count[sl] += 1.0
+            windows.append({
+                "slice_dhw_in_padded_roi": [[s, s + w] for s, w in zip(win.start, self.size)],
+                "box_fed_dhw": list(win.box) if win.box is not None else None,
+                "points_fed_dhw": [list(p) for p in win.points] or None,
+            })
+        averaged = total / count
+        inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
+        final = coarse.clone()
+        final[tuple(slice(a, b) for a, b in plan.roi)] = averaged[inner]
+        trace["zoom_in"] = {
+            "roi_slice_dhw_in_crop": [list(r) for r in plan.roi],
+            "pad_before_dhw": list(plan.pad),
+            "padded_roi_shape_dhw": list(plan.padded),
+            "windows": windows,
+        }
+        return Target(prompt, final.cpu(), trace)
+
+    # ------------------------------------------------------------------ outputs
+    def logits_on_image(self, target: Target, fill: float = -1000.0) -> np.ndarray:
+        """Final logits on the (i, j, k) grid; ``fill`` where the model saw nothing (outside the crop)."""
+        return to_image_grid(target.logits.numpy(), self._require_image(), fill)
+
+    def mask_on_image(self, target: Target) -> np.ndarray:
+        """uint8 mask on the (i, j, k) grid: sigmoid(logit) > 0.5, 0 outside the crop."""
+        crop_mask = (torch.sigmoid(target.logits) > 0.5).to(torch.uint8).numpy()
+        return to_image_grid(crop_mask, self._require_image(), 0)
+
+
+__all__ = ["NO_BOX", "Plan", "SegVolPredictor", "Target", "Window", "pick_device"]

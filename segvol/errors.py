@@ -1,0 +1,10 @@
+"""The errors a user can cause, each with a message that names the problem."""
+
+from segvol.io import ImageReadError
+from segvol.preprocess import ImageError
+from segvol.prompts import PromptError
+from segvol.weights import WeightsError
+
+USER_ERRORS = (ImageReadError, ImageError, PromptError, WeightsError)
+
+__all__ = ["USER_ERRORS", "ImageError", "ImageReadError", "PromptError", "WeightsError"]

@@ -30,23 +30,49 @@ or SegVol_v1.pth. Without it, the snapshot is looked for in $SEGVOL_HOME (defaul
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segvol", description="SegVol: text, point and box prompted CT segmentation.")
+    p = argparse.ArgumentParser(
+        prog="python -m segvol", description="SegVol: text, point and box prompted CT segmentation."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment one volume", epilog=SEGMENT_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "segment",
+        help="segment one volume",
+        epilog=SEGMENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--image", required=True, type=Path, help="CT volume in HU (.nii, .nii.gz, .nrrd)")
     s.add_argument("--output", required=True, type=Path, help="mask to write (uint8, the image's grid and affine)")
     s.add_argument("--weights", type=Path, help="snapshot folder or checkpoint file (default: cache / download)")
-    s.add_argument("--text", nargs="+", default=[], metavar="NAME",
-                   help="category name(s); several give a label map with values 1..N in this order")
-    s.add_argument("--box", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
-                   help="inclusive box in voxel indices")
-    s.add_argument("--point", nargs=3, type=int, action="append", default=[], metavar=("I", "J", "K"),
-                   help="positive click (repeatable)")
-    s.add_argument("--negative-point", nargs=3, type=int, action="append", default=[], metavar=("I", "J", "K"),
-                   help="negative click (repeatable)")
+    s.add_argument(
+        "--text",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="category name(s); several give a label map with values 1..N in this order",
+    )
+    s.add_argument(
+        "--box", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"), help="inclusive box in voxel indices"
+    )
+    s.add_argument(
+        "--point",
+        nargs=3,
+        type=int,
+        action="append",
+        default=[],
+        metavar=("I", "J", "K"),
+        help="positive click (repeatable)",
+    )
+    s.add_argument(
+        "--negative-point",
+        nargs=3,
+        type=int,
+        action="append",
+        default=[],
+        metavar=("I", "J", "K"),
+        help="negative click (repeatable)",
+    )
     s.add_argument("--no-zoom-in", action="store_true", help="stop after the zoom-out pass (faster, coarser)")
     s.add_argument("--logits", type=Path, help="also write float32 logits of the first target (-1000 where unseen)")
     s.add_argument("--report", type=Path, help="write a JSON record: crop, model-space prompts, ROI, windows, timings")
@@ -99,15 +125,25 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.logits:
         write_like(volume, logits[0].astype(np.float32), a.logits)
     if a.report:
-        a.report.write_text(json.dumps({
-            "image": str(a.image), "weights": str(weights), "device": str(predictor.device),
-            "labels": {n: i + 1 for i, n in enumerate(names)},
-            "texts": [{"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)}
-                      for t in texts],
-            "targets": [t.trace for t in targets],
-            "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
-            "stats": dict(predictor.stats),
-        }, indent=1) + "\n")
+        a.report.write_text(
+            json.dumps(
+                {
+                    "image": str(a.image),
+                    "weights": str(weights),
+                    "device": str(predictor.device),
+                    "labels": {n: i + 1 for i, n in enumerate(names)},
+                    "texts": [
+                        {"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)}
+                        for t in texts
+                    ],
+                    "targets": [t.trace for t in targets],
+                    "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
+                    "stats": dict(predictor.stats),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     for n, m in zip(names, masks):
         log.info("%s: %d voxels", n, int(m.sum()))
     log.info("wrote %s (labels %s) in %.1f s", a.output, sidecar, time.perf_counter() - t0)
@@ -119,8 +155,21 @@ def cmd_categories(a: argparse.Namespace) -> int:
 
     found = default_vocabulary().search(a.search)
     if a.json:
-        print(json.dumps([{"index": c.index, "name": c.name, "preferred_name": c.preferred_name,
-                           "region": c.region, "type": c.type} for c in found], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "index": c.index,
+                        "name": c.name,
+                        "preferred_name": c.preferred_name,
+                        "region": c.region,
+                        "type": c.type,
+                    }
+                    for c in found
+                ],
+                indent=1,
+            )
+        )
         return 0
     for c in found:
         extra = f"  (= {c.preferred_name})" if c.preferred_name != c.name else ""
@@ -131,8 +180,11 @@ def cmd_categories(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose or a.command == "segment" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if a.verbose or a.command == "segment" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     from segvol.errors import USER_ERRORS
 
     try:

@@ -134,8 +134,13 @@ class SegVolPredictor:
         self.reset_image()
         self.image = prepared
         self.timings["preprocess"] += time.perf_counter() - t0
-        log.info("image %s: shape %s, crop %s..%s", prepared.key[:8], prepared.shape_ijk,
-                 prepared.crop.start_ijk, prepared.crop.stop_ijk)
+        log.info(
+            "image %s: shape %s, crop %s..%s",
+            prepared.key[:8],
+            prepared.shape_ijk,
+            prepared.crop.start_ijk,
+            prepared.crop.stop_ijk,
+        )
 
     def reset_image(self) -> None:
         self.image = None
@@ -153,9 +158,9 @@ class SegVolPredictor:
         out = []
         t0 = time.perf_counter()
         for i in range(0, len(volumes), self.window_batch):
-            batch = torch.stack(volumes[i:i + self.window_batch])[:, None].to(self.device)
+            batch = torch.stack(volumes[i : i + self.window_batch])[:, None].to(self.device)
             emb = self.model.encode_image(batch)
-            out.extend(emb[j:j + 1] for j in range(emb.shape[0]))
+            out.extend(emb[j : j + 1] for j in range(emb.shape[0]))
             self.stats["encoder_windows"] += batch.shape[0]
         self._sync()
         self.timings["encode"] += time.perf_counter() - t0
@@ -253,8 +258,12 @@ class SegVolPredictor:
         staged = []
         for prompt in prompts:
             trace: dict = {
-                "crop": {"start_dhw": list(crop.start), "stop_dhw": list(crop.stop),
-                         "start_ijk": list(crop.start_ijk), "stop_ijk": list(crop.stop_ijk)},
+                "crop": {
+                    "start_dhw": list(crop.start),
+                    "stop_dhw": list(crop.stop),
+                    "start_ijk": list(crop.start_ijk),
+                    "stop_ijk": list(crop.stop_ijk),
+                },
                 "model_space": {},
             }
             text_emb = None
@@ -263,9 +272,11 @@ class SegVolPredictor:
                 trace["model_space"].update(text=prompt.text, token_ids=ids)
             model_box = box_to_model(prompt.box, crop, self.size) if prompt.box is not None else None
             model_points = points_to_model(prompt.points, crop, self.size) if prompt.points else []
-            trace["model_space"].update(box_dhw=model_box and list(model_box),
-                                        points_dhw=[list(p) for p in model_points] or None,
-                                        point_labels=list(prompt.point_labels) or None)
+            trace["model_space"].update(
+                box_dhw=model_box and list(model_box),
+                points_dhw=[list(p) for p in model_points] or None,
+                point_labels=list(prompt.point_labels) or None,
+            )
             low = self._decode(embedding, text_emb, model_box, model_points, list(prompt.point_labels))
             coarse = F.interpolate(low[None, None], size=crop.shape, mode="nearest")[0, 0]
             plan = self._plan(prompt, coarse, model_box) if zoom_in else None
@@ -290,11 +301,13 @@ class SegVolPredictor:
             sl = tuple(slice(s, s + w) for s, w in zip(win.start, self.size))
             total[sl] += logits
             count[sl] += 1.0
-            windows.append({
-                "slice_dhw_in_padded_roi": [[s, s + w] for s, w in zip(win.start, self.size)],
-                "box_fed_dhw": list(win.box) if win.box is not None else None,
-                "points_fed_dhw": [list(p) for p in win.points] or None,
-            })
+            windows.append(
+                {
+                    "slice_dhw_in_padded_roi": [[s, s + w] for s, w in zip(win.start, self.size)],
+                    "box_fed_dhw": list(win.box) if win.box is not None else None,
+                    "points_fed_dhw": [list(p) for p in win.points] or None,
+                }
+            )
         averaged = total / count
         inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
         final = coarse.clone()

@@ -76,9 +76,14 @@ def write_like(reference: Volume, array: np.ndarray, path: str | Path) -> Path:
         import nrrd
 
         aff = reference.affine
-        header = {"space": "left-posterior-superior" if reference.kind == "nifti" else
-                  reference.header.get("space", "left-posterior-superior"),
-                  "space directions": aff[:3, :3].T, "space origin": aff[:3, 3], "encoding": "gzip"}
+        header = {
+            "space": "left-posterior-superior"
+            if reference.kind == "nifti"
+            else reference.header.get("space", "left-posterior-superior"),
+            "space directions": aff[:3, :3].T,
+            "space origin": aff[:3, 3],
+            "encoding": "gzip",
+        }
         if reference.kind == "nifti":  # NIfTI affines are RAS; NRRD here is written in LPS
             flip = np.diag([-1.0, -1.0, 1.0])
             header["space directions"] = (flip @ aff[:3, :3]).T

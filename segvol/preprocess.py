@@ -126,5 +126,5 @@ def to_image_grid(crop_values: torch.Tensor | np.ndarray, image: PreparedImage, 
     values = crop_values.cpu().numpy() if isinstance(crop_values, torch.Tensor) else crop_values
     out = np.full(image.shape_ijk, fill, dtype=values.dtype)
     c = image.crop
-    out[c.start[2]:c.stop[2], c.start[1]:c.stop[1], c.start[0]:c.stop[0]] = values.transpose(2, 1, 0)
+    out[c.start[2] : c.stop[2], c.start[1] : c.stop[1], c.start[0] : c.stop[0]] = values.transpose(2, 1, 0)
     return out

@@ -50,9 +50,13 @@ class Vocabulary:
         entries = json.loads(Path(path).read_text())["categories"]
         self.categories = [
             Category(
-                i + 1, e["name"], e.get("preferred_name") or e["name"],
+                i + 1,
+                e["name"],
+                e.get("preferred_name") or e["name"],
                 tuple(e.get("synonyms") or ()) + tuple(e.get("equivalent_names") or ()),
-                e.get("region"), e.get("type"), e.get("snomed"),
+                e.get("region"),
+                e.get("type"),
+                e.get("snomed"),
             )
             for i, e in enumerate(entries)
         ]
@@ -84,8 +88,9 @@ class Vocabulary:
 
     def search(self, text: str = "") -> list[Category]:
         key = _norm(text)
-        return [c for c in self.categories
-                if not key or key in _norm(c.name) or any(key in _norm(s) for s in c.synonyms)]
+        return [
+            c for c in self.categories if not key or key in _norm(c.name) or any(key in _norm(s) for s in c.synonyms)
+        ]
 
 
 @cache

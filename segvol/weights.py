@@ -26,8 +26,14 @@ from segvol.model.text_encoder import load_tokenizer
 log = logging.getLogger(__name__)
 
 HF_REPO = "BAAI/SegVol"
-HF_FILES = ("pytorch_model.bin", "config.json", "tokenizer.json", "vocab.json", "tokenizer_config.json",
-            "special_tokens_map.json")
+HF_FILES = (
+    "pytorch_model.bin",
+    "config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 OFFICIAL_SHA256 = {"pytorch_model.bin": "500f2758a8f989339b2b2baf09a819169bc87549795193d3cfe505726ac0b399"}
 OFFICIAL_SIZE = {"pytorch_model.bin": 723_726_667}
 CONFIG_FILE = "segvol_config.json"
@@ -49,13 +55,13 @@ def from_official(state: dict[str, torch.Tensor], source: str = "state_dict") ->
     prefix = next((p for p in _PREFIXES if state and all(k.startswith(p) for k in state)), "")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, tensor in state.items():
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
         if key == _POSITION_IDS:
             if not torch.equal(tensor.reshape(-1), torch.arange(tensor.numel(), dtype=tensor.dtype)):
                 raise WeightsError(f"{source}: {key} is not arange({tensor.numel()})")
             continue
         if key.startswith(_CLIP_OFFICIAL):
-            key = _CLIP_OURS + key[len(_CLIP_OFFICIAL):]
+            key = _CLIP_OURS + key[len(_CLIP_OFFICIAL) :]
         out[key] = tensor
     return out
 
@@ -66,7 +72,7 @@ def to_official(state: dict[str, torch.Tensor], prefix: str = "model.") -> Order
     n_pos = None
     for key, tensor in state.items():
         if key.startswith(_CLIP_OURS):
-            key = _CLIP_OFFICIAL + key[len(_CLIP_OURS):]
+            key = _CLIP_OFFICIAL + key[len(_CLIP_OURS) :]
             if key.endswith("embeddings.position_embedding.weight"):
                 n_pos = tensor.shape[0]
         out[prefix + key] = tensor
@@ -83,9 +89,7 @@ def resolve(path: str | Path) -> Path:
         for name in ("model.safetensors", "pytorch_model.bin", "SegVol_v1.pth"):
             if (p / name).is_file():
                 return p / name
-        raise WeightsError(
-            f"{p}: no model.safetensors, pytorch_model.bin or SegVol_v1.pth in this directory"
-        )
+        raise WeightsError(f"{p}: no model.safetensors, pytorch_model.bin or SegVol_v1.pth in this directory")
     if not p.is_file():
         raise WeightsError(f"{p}: no such weights file or directory")
     return p

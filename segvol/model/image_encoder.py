@@ -119,9 +119,7 @@ class ImageEncoderViT(nn.Module):
         super().__init__()
         self.grid = tuple(s // p for s, p in zip(img_size, patch_size))
         self.patch_embedding = PatchEmbedding(1, img_size, patch_size, hidden_size)
-        self.blocks = nn.ModuleList(
-            Block(hidden_size, mlp_dim, num_heads, fused_attention) for _ in range(num_layers)
-        )
+        self.blocks = nn.ModuleList(Block(hidden_size, mlp_dim, num_heads, fused_attention) for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden_size)
 
     def set_fused_attention(self, fused: bool) -> None:

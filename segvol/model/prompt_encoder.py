@@ -56,9 +56,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int, int]) -> torch.Tensor:
         """B x N x 3 model-space coordinates -> B x N x C."""
-        scale = torch.tensor(
-            [image_size[1], image_size[0], image_size[2]], dtype=coords.dtype, device=coords.device
-        )
+        scale = torch.tensor([image_size[1], image_size[0], image_size[2]], dtype=coords.dtype, device=coords.device)
         return self._pe_encoding((coords / scale).to(torch.float32))
 
 

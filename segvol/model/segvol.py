@@ -102,9 +102,7 @@ class SegVol(nn.Module):
         """Mask logits B x 1 x D x H x W (trilinear from the low-resolution grid), or the
         low-resolution logits with ``upsample=False``. Prompts are model-space voxels."""
         sparse, dense = self.prompt_encoder(points, boxes, text_embedding)
-        low_res = self.mask_decoder(
-            image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, text_embedding
-        )
+        low_res = self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, text_embedding)
         if not upsample:
             return low_res
         return F.interpolate(low_res, size=self.config.spatial_size, mode="trilinear", align_corners=False)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up everything and run the whole test suite (this is what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check segvol tests
+.venv/bin/ruff format --check segvol tests
+.venv/bin/python -m pytest -q -ra "$@"

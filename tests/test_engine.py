@@ -1,0 +1,136 @@
+"""The predictor: encodings computed once per image and window, shared by all prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import phantom
+
+from segvol.engine import SegVolPredictor, roi_from_mask, window_starts
+from segvol.prompts import Prompt
+
+
+class EncoderSpy:
+    """Counts the windows that really go through the image encoder's forward."""
+
+    def __init__(self, model):
+        self.windows = 0
+        self._forward = model.image_encoder.forward
+        model.image_encoder.forward = self
+
+    def __call__(self, x):
+        self.windows += x.shape[0]
+        return self._forward(x)
+
+
+@pytest.fixture
+def predictor(tiny_model):
+    model = type(tiny_model)(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    p = SegVolPredictor(model, "cpu")
+    p.spy = EncoderSpy(model)
+    p.set_image(phantom((150, 40, 40)))
+    return p
+
+
+def _keys(targets) -> set:
+    return {
+        tuple(map(tuple, w["slice_dhw_in_padded_roi"]))
+        + (tuple(map(tuple, t.trace["zoom_in"]["roi_slice_dhw_in_crop"])),)
+        for t in targets
+        if t.trace["zoom_in"]
+        for w in t.trace["zoom_in"]["windows"]
+    }
+
+
+def test_window_starts_follow_the_official_placement():
+    assert window_starts(57, 32, 0.5) == [0, 16, 25]
+    assert window_starts(32, 32, 0.5) == [0]
+    assert window_starts(256, 256, 0.5) == [0]
+    assert window_starts(300, 256, 0.5) == [0, 44]
+
+
+def test_roi_keeps_the_official_odd_shortfall_and_upper_clamp():
+    m = torch.zeros(40, 300, 300, dtype=torch.bool)
+    m[10:13, 100:201, 5:6] = True  # extents 3, 101, 1
+    roi = roi_from_mask(m, (32, 256, 256))
+    assert roi == ((0, 27), (23, 278), (0, 133))  # 29 short on d: 14 each side, so 31 wide, not 32
+    m = torch.zeros(40, 300, 300, dtype=torch.bool)
+    m[30:40, 290:300, 0:300] = True
+    assert roi_from_mask(m, (32, 256, 256)) == ((19, 40), (167, 300), (0, 300))  # clamped to the size
+    assert roi_from_mask(torch.zeros(4, 4, 4, dtype=torch.bool), (2, 2, 2)) is None
+
+
+def test_second_prompt_runs_no_encoder_pass_for_windows_already_encoded(predictor):
+    shape = predictor.image.shape_ijk
+    first = predictor.predict([Prompt.make(shape, text="liver")])
+    n_first = predictor.spy.windows
+    assert n_first == 1 + len(first[0].trace["zoom_in"]["windows"])
+    again = predictor.predict([Prompt.make(shape, text="liver")])
+    assert predictor.spy.windows == n_first
+    torch.testing.assert_close(again[0].logits, first[0].logits, rtol=0, atol=0)
+    predictor.predict([Prompt.make(shape, points=[[70, 20, 20]], point_labels=[1])], zoom_in=False)
+    assert predictor.spy.windows == n_first  # zoom-out embedding reused
+    box = predictor.predict([Prompt.make(shape, box=[40, 10, 10, 100, 30, 30])])
+    new_windows = _keys(box) - _keys(first)
+    assert predictor.spy.windows == n_first + len(new_windows)
+
+
+def test_several_categories_share_encoder_passes_and_match_single_calls(predictor, tiny_model):
+    shape = predictor.image.shape_ijk
+    names = ["liver", "spleen", "left kidney"]
+    together = predictor.predict([Prompt.make(shape, text=n) for n in names])
+    windows = set()
+    for t in together:
+        zi = t.trace["zoom_in"]
+        windows |= {
+            (tuple(map(tuple, zi["roi_slice_dhw_in_crop"])), tuple(map(tuple, w["slice_dhw_in_padded_roi"])))
+            for w in zi["windows"]
+        }
+    assert predictor.spy.windows <= 1 + len(windows)
+    assert predictor.stats["decoder_passes"] == sum(1 + len(t.trace["zoom_in"]["windows"]) for t in together)
+    for name, t in zip(names, together):
+        single = SegVolPredictor(tiny_model, "cpu")
+        single.set_image(phantom((150, 40, 40)))
+        (alone,) = single.predict([Prompt.make(shape, text=name)])
+        torch.testing.assert_close(t.logits, alone.logits, rtol=0, atol=1e-5)
+
+
+def test_batched_window_encoding_equals_one_by_one(tiny_model):
+    shape = (150, 40, 40)
+    results = []
+    for batch in (1, 4):
+        p = SegVolPredictor(tiny_model, "cpu", window_batch=batch)
+        p.set_image(phantom(shape))
+        results.append(p.predict([Prompt.make(shape, text="liver")])[0].logits)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-4)
+
+
+def test_outputs_are_on_the_image_grid(predictor):
+    (t,) = predictor.predict([Prompt.make(predictor.image.shape_ijk, text="aorta")])
+    mask = predictor.mask_on_image(t)
+    logits = predictor.logits_on_image(t)
+    assert mask.shape == logits.shape == (150, 40, 40) and mask.dtype == np.uint8
+    crop = predictor.image.crop
+    outside = np.ones(mask.shape, bool)
+    outside[tuple(slice(a, b) for a, b in zip(crop.start_ijk, crop.stop_ijk))] = False
+    assert np.all(logits[outside] == -1000) and np.all(mask[outside] == 0)
+    inside = ~outside
+    np.testing.assert_array_equal(mask[inside], (torch.sigmoid(torch.from_numpy(logits[inside])) > 0.5).numpy())
+
+
+def test_set_image_of_the_same_content_keeps_the_encodings(predictor):
+    predictor.predict([Prompt.make(predictor.image.shape_ijk, text="liver")], zoom_in=False)
+    n = predictor.spy.windows
+    predictor.set_image(phantom((150, 40, 40)))
+    predictor.predict([Prompt.make(predictor.image.shape_ijk, text="spleen")], zoom_in=False)
+    assert predictor.spy.windows == n
+    predictor.set_image(phantom((150, 40, 40), seed=1))
+    predictor.predict([Prompt.make(predictor.image.shape_ijk, text="spleen")], zoom_in=False)
+    assert predictor.spy.windows == n + 1
+
+
+def test_predict_without_image_is_an_error(tiny_model):
+    with pytest.raises(RuntimeError, match="no image set"):
+        SegVolPredictor(tiny_model, "cpu").predict([Prompt(text="liver")])

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check segvol tests
-.venv/bin/ruff format --check segvol tests
+.venv/bin/ruff check segvol apps tests
+.venv/bin/ruff format --check segvol apps tests
 .venv/bin/python -m pytest -q -ra "$@"

@@ -85,18 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _label_map(masks: list[np.ndarray], logits: list[np.ndarray]) -> np.ndarray:
-    """One uint8 map: value n+1 where target n is foreground; overlaps go to the highest logit."""
-    if len(masks) == 1:
-        return masks[0]
-    stacked = np.where(np.stack(masks).astype(bool), np.stack(logits), -np.inf)
-    best = stacked.argmax(axis=0).astype(np.uint8) + 1
-    return np.where(np.isfinite(stacked.max(axis=0)), best, 0).astype(np.uint8)
-
-
 def cmd_segment(a: argparse.Namespace) -> int:
     from segvol.engine import SegVolPredictor
     from segvol.io import read_volume, write_like
+    from segvol.labelmap import combine
     from segvol.preprocess import check_volume
     from segvol.prompts import Prompt
     from segvol.vocabulary import resolve_texts
@@ -118,7 +110,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     targets = predictor.predict(prompts)
     masks = [predictor.mask_on_image(t) for t in targets]
     logits = [predictor.logits_on_image(t) for t in targets]
-    write_like(volume, _label_map(masks, logits), a.output)
+    write_like(volume, combine(masks, logits, list(range(1, len(masks) + 1))), a.output)
     names = [t.typed for t in texts] if texts else ["target"]
     sidecar = a.output.with_name(a.output.name.split(".")[0] + ".labels.json")
     sidecar.write_text(json.dumps({n: i + 1 for i, n in enumerate(names)}, indent=1) + "\n")

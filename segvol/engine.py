@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from segvol.model import SegVol
-from segvol.preprocess import PreparedImage, prepare, to_image_grid
+from segvol.preprocess import PreparedImage, check_volume, digest, prepare, to_image_grid
 from segvol.prompts import (
     NO_BOX,
     Prompt,
@@ -128,19 +128,15 @@ class SegVolPredictor:
     def set_image(self, image_ijk: np.ndarray) -> None:
         """Preprocess an (i, j, k) volume; encodings are computed lazily and kept."""
         t0 = time.perf_counter()
-        prepared = prepare(image_ijk, self.size)
-        if self.image is not None and prepared.key == self.image.key:
+        check_volume(image_ijk)
+        key = digest(image_ijk)
+        if self.image is not None and key == self.image.key:
             return
         self.reset_image()
-        self.image = prepared
+        self.image = prepare(image_ijk, self.size, key)
         self.timings["preprocess"] += time.perf_counter() - t0
-        log.info(
-            "image %s: shape %s, crop %s..%s",
-            prepared.key[:8],
-            prepared.shape_ijk,
-            prepared.crop.start_ijk,
-            prepared.crop.stop_ijk,
-        )
+        c = self.image.crop
+        log.info("image %s: shape %s, crop %s..%s", key[:8], self.image.shape_ijk, c.start_ijk, c.stop_ijk)
 
     def reset_image(self) -> None:
         self.image = None

@@ -22,13 +22,22 @@ class Volume:
 
     @property
     def affine(self) -> np.ndarray:
+        """Voxel (i, j, k) -> RAS millimetres, whatever the file's own convention."""
         if self.kind == "nifti":
             return self.header.affine
         h = self.header
         aff = np.eye(4)
         aff[:3, :3] = np.asarray(h["space directions"], dtype=float).T
         aff[:3, 3] = np.asarray(h.get("space origin", np.zeros(3)), dtype=float)
+        space = str(h.get("space", "left-posterior-superior")).lower()
+        if space in ("left-posterior-superior", "lps"):
+            aff = LPS_RAS @ aff
+        elif space not in ("right-anterior-superior", "ras"):
+            raise ImageReadError(f"{self.path}: NRRD space {space!r} is not supported (LPS or RAS)")
         return aff
+
+
+LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 
 
 def _kind(path: Path) -> str:
@@ -59,9 +68,9 @@ def read_volume(path: str | Path) -> Volume:
     return Volume(np.asarray(array), p, kind, header)
 
 
-def write_like(reference: Volume, array: np.ndarray, path: str | Path) -> Path:
+def write_like(reference: Volume, array: np.ndarray, path: str | Path, compress: bool = True) -> Path:
     """Write ``array`` (same shape as the reference) with the reference's grid and affine.
-    The format follows the output file name."""
+    The format follows the output file name; ``compress`` picks gzip or raw NRRD encoding."""
     p = Path(path)
     if array.shape != reference.array.shape:
         raise ValueError(f"result shape {array.shape} differs from the image shape {reference.array.shape}")
@@ -75,18 +84,12 @@ def write_like(reference: Volume, array: np.ndarray, path: str | Path) -> Path:
     else:
         import nrrd
 
-        aff = reference.affine
+        lps = LPS_RAS @ reference.affine
         header = {
-            "space": "left-posterior-superior"
-            if reference.kind == "nifti"
-            else reference.header.get("space", "left-posterior-superior"),
-            "space directions": aff[:3, :3].T,
-            "space origin": aff[:3, 3],
-            "encoding": "gzip",
+            "space": "left-posterior-superior",
+            "space directions": lps[:3, :3].T,
+            "space origin": lps[:3, 3],
+            "encoding": "gzip" if compress else "raw",
         }
-        if reference.kind == "nifti":  # NIfTI affines are RAS; NRRD here is written in LPS
-            flip = np.diag([-1.0, -1.0, 1.0])
-            header["space directions"] = (flip @ aff[:3, :3]).T
-            header["space origin"] = flip @ aff[:3, 3]
         nrrd.write(str(p), array, header)
     return p

@@ -93,10 +93,10 @@ def foreground_crop(volume: np.ndarray) -> Crop:
     return Crop(tuple(int(n[0]) for n in nz), tuple(int(n[-1]) + 1 for n in nz))
 
 
-def prepare(image_ijk: np.ndarray, spatial_size: tuple[int, int, int]) -> PreparedImage:
-    """Image as stored (i, j, k) -> normalised crop and zoom-out volume."""
+def prepare(image_ijk: np.ndarray, spatial_size: tuple[int, int, int], key: str | None = None) -> PreparedImage:
+    """Image as stored (i, j, k) -> normalised crop and zoom-out volume (``key``: its digest, if known)."""
     check_volume(image_ijk)
-    key = digest(image_ijk)
+    key = key or digest(image_ijk)
     x = foreground_normalise(np.asarray(image_ijk, dtype=np.float32))
     x = np.swapaxes(x, 0, 2)  # (i, j, k) -> (d, h, w) = (k, j, i)
     x = x - x.min()

@@ -1,0 +1,38 @@
+"""TaskConfig: ``--conf`` options -> the shared SegVol service and its three infer tasks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from lib.infers.deepgrow import SegVolDeepgrow
+from lib.infers.segmentation import SegVolSegmentation
+from lib.infers.vista3d import SegVolVista3D
+from lib.service import SegVolService
+from lib.settings import AppSettings
+
+log = logging.getLogger(__name__)
+
+
+class SegVolTaskConfig(TaskConfig):
+    """Builds no network here (training rebuilds the app in a subprocess): the service loads the
+    weights in the background once the server has started."""
+
+    def init(self, name: str, model_dir: str, conf: dict, planner=None, **kwargs) -> None:
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings = AppSettings.from_conf(conf, Path(model_dir))
+        self.service = SegVolService(self.settings)
+        self.labels = {c.name: c.index for c in self.service.vocabulary.categories}
+
+    def infer(self) -> dict[str, InferTask]:
+        return {
+            self.name: SegVolVista3D(self.service),
+            f"{self.name}_segmentation": SegVolSegmentation(self.service),
+            f"{self.name}_deepgrow": SegVolDeepgrow(self.service),
+        }
+
+    def trainer(self):
+        return None

@@ -1,0 +1,89 @@
+"""What every SegVol infer task shares: read, prompt, segment, write the label map."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from abc import abstractmethod
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from lib.params import PromptBuilder, Target, output_options
+from lib.service import SegVolService, ServiceUnavailable
+from segvol.io import ImageReadError, write_like
+from segvol.labelmap import combine
+from segvol.preprocess import ImageError, check_volume
+from segvol.prompts import PromptError
+
+log = logging.getLogger(__name__)
+
+
+class SegVolInferTask(InferTask):
+    """A thin adapter: subclasses only turn their client's parameters into targets."""
+
+    def __init__(self, service: SegVolService, type: str, description: str, config: dict | None = None) -> None:
+        labels = {c.name: c.index for c in service.vocabulary.categories}
+        super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
+        self.service = service
+
+    def is_valid(self) -> bool:
+        return True
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["model_version"] = self.service.version
+        if self.service.warning:
+            info["warning"] = self.service.warning
+            info["description"] = f"{self.description} [{self.service.warning}]"
+        return info
+
+    @abstractmethod
+    def targets(self, params: dict, builder: PromptBuilder) -> list[Target]:
+        """The targets this client's parameters ask for."""
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        try:
+            out = output_options(request)
+            volume = self.service.read(request["image"])
+            check_volume(volume.array)
+            targets = self.targets(request, PromptBuilder(self.service.vocabulary, volume.array.shape))
+        except (PromptError, ImageError, ImageReadError) as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        try:
+            seg = self.service.segment(volume, [t.prompt for t in targets], out.zoom_in)
+        except ServiceUnavailable as e:
+            raise HTTPException(status_code=503, detail=str(e)) from e
+        labelmap = combine(seg.masks, seg.logits, [t.value for t in targets])
+        with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
+            path = f.name
+        write_like(volume, labelmap, path, compress=out.compress)
+        result = {
+            "label_names": {t.name: t.value for t in targets},
+            "prompts": [
+                {
+                    "name": t.name,
+                    "value": t.value,
+                    "text": t.sent,
+                    "points": [list(p) for p in t.prompt.points] or None,
+                    "point_labels": list(t.prompt.point_labels) or None,
+                    "box": list(t.prompt.box) if t.prompt.box else None,
+                    "voxels": int(m.sum()),
+                    "model_space": seg_t.trace["model_space"],
+                    "zoom_in_windows": len(seg_t.trace["zoom_in"]["windows"]) if seg_t.trace.get("zoom_in") else 0,
+                }
+                for t, m, seg_t in zip(targets, seg.masks, seg.targets)
+            ],
+            "model_version": self.service.version,
+            "timings": seg.timings,
+        }
+        if self.service.warning:
+            result["warning"] = self.service.warning
+        log.info(
+            "%s: %s in %.2f s",
+            self.type,
+            ", ".join(f"{t.name}={t.value}" for t in targets),
+            seg.timings.get("total", 0.0),
+        )
+        return path, result

@@ -1,0 +1,128 @@
+"""One SegVol model and predictor shared by every infer task of the app.
+
+Loading happens once, in the background after start-up; requests wait for it. The
+predictor keeps the encodings of the image last used, so a further prompt on the same
+image (from any user or task) costs decoder passes only. One request runs the model
+at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lib.settings import AppSettings
+from segvol.engine import SegVolPredictor, Target
+from segvol.io import Volume, read_volume
+from segvol.model import CONFIGS, SegVol
+from segvol.prompts import Prompt
+from segvol.vocabulary import Vocabulary, default_vocabulary
+from segvol.weights import WeightsError, find_or_download, load_segvol
+
+log = logging.getLogger(__name__)
+
+SEEDED_WARNING = (
+    "SERVING UNTRAINED SEEDED WEIGHTS (--conf weights seeded): masks are noise, "
+    "for demos and tests only; this is not the SegVol model"
+)
+
+
+class ServiceUnavailable(RuntimeError):
+    """The model is not loaded (still loading, or its weights are missing)."""
+
+
+@dataclass
+class Segmentation:
+    targets: list[Target]
+    masks: list[np.ndarray]
+    logits: list[np.ndarray]
+    timings: dict[str, float]
+
+
+class SegVolService:
+    def __init__(self, settings: AppSettings, vocabulary: Vocabulary | None = None) -> None:
+        self.settings = settings
+        self.vocabulary = vocabulary or default_vocabulary()
+        self.predictor: SegVolPredictor | None = None
+        self.version = "not loaded"
+        self.error: str | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._volume_key: tuple | None = None
+        self._volume: Volume | None = None
+
+    @property
+    def warning(self) -> str | None:
+        return SEEDED_WARNING if self.settings.seeded else None
+
+    # ------------------------------------------------------------------ loading
+    def start(self) -> None:
+        """Load in a background thread; requests wait until it is done."""
+        threading.Thread(target=self.load, name="segvol-load", daemon=True).start()
+
+    def load(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            model = self._build()
+            self.predictor = SegVolPredictor(model, self.settings.device, zoom_in=self.settings.zoom_in)
+            log.info("SegVol %s ready on %s in %.1f s", self.version, self.predictor.device, time.perf_counter() - t0)
+            if self.warning:
+                log.warning("!" * 20 + " %s " + "!" * 20, self.warning)
+        except (WeightsError, RuntimeError, OSError) as e:
+            self.error = str(e)
+            log.error("SegVol is NOT available: %s", e)
+        finally:
+            self._ready.set()
+
+    def _build(self) -> SegVol:
+        s = self.settings
+        if s.seeded:
+            torch.manual_seed(0)
+            self.version = f"seeded-untrained ({s.model_config}, seed 0)"
+            return SegVol(CONFIGS[s.model_config]).eval()
+        if s.model_config != "segvol-official":
+            raise WeightsError(
+                "--conf model_config applies to seeded weights only; a checkpoint's "
+                "config is read from segvol_config.json beside it"
+            )
+        path = find_or_download(None if s.weights == "hub" else s.weights, s.model_dir)
+        self.version = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+        return load_segvol(path)
+
+    def wait(self, timeout: float = 600) -> SegVolPredictor:
+        if not self._ready.wait(timeout):
+            raise ServiceUnavailable("SegVol is still loading its weights; try again shortly")
+        if self.predictor is None:
+            raise ServiceUnavailable(f"SegVol is not available: {self.error}")
+        return self.predictor
+
+    # ------------------------------------------------------------------ inference
+    def read(self, path: str) -> Volume:
+        """The volume at ``path``, kept while its file is unchanged (no re-reading per click)."""
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+        if key != self._volume_key:
+            self._volume = read_volume(path)
+            self._volume_key = key
+        return self._volume
+
+    def segment(self, volume: Volume, prompts: list[Prompt], zoom_in: bool | None = None) -> Segmentation:
+        predictor = self.wait()
+        with self._lock:
+            before = dict(predictor.timings)
+            t0 = time.perf_counter()
+            predictor.set_image(volume.array)
+            targets = predictor.predict(prompts, zoom_in=zoom_in)
+            masks = [predictor.mask_on_image(t) for t in targets]
+            logits = [predictor.logits_on_image(t) for t in targets]
+            timings = {
+                k: round(v - before.get(k, 0.0), 4) for k, v in predictor.timings.items() if v - before.get(k, 0.0) > 0
+            }
+            timings["total"] = round(time.perf_counter() - t0, 4)
+        return Segmentation(targets, masks, logits, timings)

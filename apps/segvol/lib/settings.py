@@ -1,0 +1,84 @@
+"""The app's ``--conf`` options, parsed once and validated with clear messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_AUTO_LABELS = (
+    "liver",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "gallbladder",
+    "stomach",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "esophagus",
+)
+
+HELP = {
+    "weights": "a BAAI/SegVol snapshot folder or a .bin/.safetensors/.pth file; 'hub' (default): the "
+    "snapshot in <app>/model/BAAI-SegVol, downloaded from Hugging Face on first start; "
+    "'seeded': untrained random weights for demos and tests (every result says so)",
+    "model_config": "segvol-official (default) or segvol-tiny (small test config, only with weights=seeded)",
+    "device": "auto (CUDA where present), cpu or cuda[:N]",
+    "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
+    "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
+    "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
+}
+
+
+class ConfError(ValueError):
+    """A --conf value that cannot be used."""
+
+
+def _bool(conf: dict, key: str, default: bool) -> bool:
+    v = str(conf.get(key, default)).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ConfError(f"--conf {key} {conf[key]!r}: expected true or false")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    weights: str = "hub"
+    model_config: str = "segvol-official"
+    device: str = "auto"
+    zoom_in: bool = True
+    auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
+    auto_max_labels: int = 10
+    model_dir: Path = field(default=Path("model"))
+
+    @classmethod
+    def from_conf(cls, conf: dict, model_dir: Path) -> AppSettings:
+        unknown = sorted(k for k in conf if k in ("weights", "model_config") and not conf[k])
+        if unknown:
+            raise ConfError(f"--conf {unknown[0]} needs a value")
+        try:
+            auto_max = int(conf.get("auto_max_labels", 10))
+        except ValueError as e:
+            raise ConfError(f"--conf auto_max_labels {conf['auto_max_labels']!r}: expected a whole number") from e
+        auto = conf.get("auto_labels")
+        labels = tuple(s.strip() for s in auto.split(",") if s.strip()) if auto else DEFAULT_AUTO_LABELS
+        from segvol.model import CONFIGS
+
+        model_config = conf.get("model_config", "segvol-official")
+        if model_config not in CONFIGS:
+            raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
+        return cls(
+            weights=conf.get("weights", "hub"),
+            model_config=model_config,
+            device=conf.get("device", "auto"),
+            zoom_in=_bool(conf, "zoom_in", True),
+            auto_labels=labels,
+            auto_max_labels=auto_max,
+            model_dir=model_dir,
+        )
+
+    @property
+    def seeded(self) -> bool:
+        return self.weights == "seeded"

@@ -1,0 +1,82 @@
+"""segvol-label: SegVol in MONAI Label (OHIF and 3D Slicer clients)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import HTTPException
+from lib.configs.segvol import SegVolTaskConfig
+from lib.settings import HELP, ConfError
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+import segvol
+
+log = logging.getLogger(__name__)
+
+
+class SegVolApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
+        self.model_dir = os.path.join(app_dir, "model")
+        os.makedirs(self.model_dir, exist_ok=True)
+        self.task_config = SegVolTaskConfig()
+        try:
+            self.task_config.init("segvol", self.model_dir, conf, None)
+        except ConfError as e:
+            options = "\n".join(f"  --conf {k}: {v}" for k, v in HELP.items())
+            raise SystemExit(f"segvol-label: {e}\nOptions:\n{options}") from e
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="segvol-label",
+            description="SegVol: text, point and box prompted CT segmentation (223 categories)",
+            version=segvol.__version__,
+            labels=self.task_config.labels,
+        )
+
+    @property
+    def service(self):
+        return self.task_config.service
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return self.task_config.infer()
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        self.service.start()
+
+    def info(self) -> dict:
+        meta = super().info()
+        meta["model_version"] = self.service.version
+        if self.service.error:
+            meta["error"] = self.service.error
+        if self.service.warning:
+            meta["warning"] = self.service.warning
+        return meta
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        """Refuse unknown models and images with a 4xx before MONAI Label would treat an
+        unknown id as a file path."""
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {', '.join(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str):
+            store = datastore or self.datastore()
+            if not self._known_image(store, image):
+                raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+        return super().infer(request, datastore)
+
+    @staticmethod
+    def _known_image(store, image: str) -> bool:
+        if isinstance(store, LocalDatastore):
+            return image in store.list_images()
+        if not image or "/" in image or "\\" in image or image.startswith("."):
+            return False
+        try:
+            return bool(store.get_image_uri(image))
+        except Exception:  # the datastore's own lookup failure means: not there
+            return False

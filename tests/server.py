@@ -1,0 +1,83 @@
+"""Start and stop a real MONAI Label server process for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m monailabel.main start_server`` with the segvol app, as scripts/serve.sh runs it."""
+
+    def __init__(self, studies: Path, conf: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(ROOT / "apps" / "segvol"),
+            "--studies",
+            str(studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--uvicorn_app",
+            "server:app",
+        ]
+        for k, v in conf.items():
+            args += ["--conf", k, v]
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{ROOT / 'apps' / 'segvol'}{os.pathsep}{ROOT}",
+            MONAI_LABEL_TRACKING_ENABLED="false",
+            HF_HUB_OFFLINE="1",
+        )
+        self.log = log
+        self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        """Until /info answers and the model has finished loading (or failed to)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            try:
+                info = requests.get(f"{self.url}/info/", timeout=5).json()
+                if info.get("model_version") != "not loaded" or info.get("error"):
+                    return info
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_file.close()

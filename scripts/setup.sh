@@ -1,7 +1,24 @@
 #!/usr/bin/env bash
-# Create .venv and install segvol-label with pinned dependencies (idempotent).
+# Create .venv and install segvol-label with pinned dependencies (idempotent), plus the Debian
+# packages it runs with: Orthanc and its DICOMweb plugin (the archive), and Chromium when
+# SEGVOL_BROWSER=1 (the end-to-end tests drive OHIF in it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+debs=()
+command -v Orthanc >/dev/null || debs+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || debs+=(orthanc-dicomweb)
+if [ "${SEGVOL_BROWSER:-0}" = 1 ]; then command -v chromium >/dev/null || debs+=(chromium); fi
+if [ ${#debs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing Debian packages: ${debs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
+  else
+    echo "warning: not root, cannot install ${debs[*]} (sudo apt-get install ${debs[*]})" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then

@@ -2,7 +2,7 @@
 # Set up everything and run the whole test suite (this is what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-.venv/bin/ruff check segvol apps tests
-.venv/bin/ruff format --check segvol apps tests
+SEGVOL_BROWSER=1 bash scripts/setup.sh
+.venv/bin/ruff check segvol apps tests scripts
+.venv/bin/ruff format --check segvol apps tests scripts
 .venv/bin/python -m pytest -q -ra "$@"

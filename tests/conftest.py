@@ -13,6 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "apps" / "segvol"))  # the app's lib package, for its unit tests
 SHARED = Path(os.environ.get("SEGVOL_SHARED", ROOT.parent / "shared"))
 GOLDEN = SHARED / "reference" / "golden"
 CACHE = Path(os.environ.get("SEGVOL_TEST_CACHE", ROOT / "build" / "test-cache"))

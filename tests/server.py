@@ -24,7 +24,7 @@ def free_port() -> int:
 class Server:
     """``python -m monailabel.main start_server`` with the segvol app, as scripts/serve.sh runs it."""
 
-    def __init__(self, studies: Path, conf: dict[str, str], log: Path) -> None:
+    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, extra_env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
@@ -50,6 +50,7 @@ class Server:
             PYTHONPATH=f"{ROOT / 'apps' / 'segvol'}{os.pathsep}{ROOT}",
             MONAI_LABEL_TRACKING_ENABLED="false",
             HF_HUB_OFFLINE="1",
+            **(extra_env or {}),
         )
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()

@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+
 from conftest import phantom, run_cli
 
 

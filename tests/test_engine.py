@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import phantom
 
+from conftest import phantom
 from segvol.engine import SegVolPredictor, roi_from_mask, window_starts
 from segvol.prompts import Prompt
 

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from conftest import GOLDEN, run_cli
 
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "meta.json").is_file()) if GOLDEN.is_dir() else []

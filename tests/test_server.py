@@ -15,11 +15,11 @@ import nrrd
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, phantom
 from monailabel.client import MONAILabelClient
-from server import Server
 
+from conftest import ROOT, phantom
 from segvol.io import LPS_RAS
+from server import Server
 
 pytestmark = pytest.mark.server
 

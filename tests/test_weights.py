@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
 
+from conftest import SHARED
 from segvol.model import CONFIGS, SegVol
 from segvol.weights import (
     WeightsError,

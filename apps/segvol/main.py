@@ -6,13 +6,17 @@ import logging
 import os
 
 from fastapi import HTTPException
-from lib.configs.segvol import SegVolTaskConfig
-from lib.settings import HELP, ConfError
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import segvol
+from lib.configs.segvol import SegVolTaskConfig
+from lib.datastores import SegVolDICOMWebDatastore, SegVolLocalDatastore
+from lib.settings import HELP, ConfError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,45 @@ class SegVolApp(MONAILabelApp):
     @property
     def service(self):
         return self.task_config.service
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            self.studies = self.studies.rstrip("/").strip()
+            return self._init_dicomweb_datastore()
+        return SegVolLocalDatastore(
+            self.service,
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """MONAI Label's DICOMweb datastore with our SEG writer (so no dcmqi download), basic auth
+        from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD."""
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(
+                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+            )
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return SegVolDICOMWebDatastore(
+            self.service,
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache_path or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=True,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()

@@ -12,11 +12,13 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lib.labels import mask_digest
 from lib.settings import AppSettings
 from segvol.engine import SegVolPredictor, Target
 from segvol.io import Volume, read_volume
@@ -54,8 +56,8 @@ class SegVolService:
         self.error: str | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._volume_key: tuple | None = None
-        self._volume: Volume | None = None
+        self._cached: tuple[tuple, Volume] | None = None
+        self._provenance: OrderedDict[str, dict[int, str]] = OrderedDict()  # image -> value -> mask digest
 
     @property
     def warning(self) -> str | None:
@@ -107,10 +109,30 @@ class SegVolService:
         """The volume at ``path``, kept while its file is unchanged (no re-reading per click)."""
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-        if key != self._volume_key:
-            self._volume = read_volume(path)
-            self._volume_key = key
-        return self._volume
+        cached = self._cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        volume = read_volume(path)
+        self._cached = (key, volume)
+        return volume
+
+    # ------------------------------------------------------------------ provenance
+    def remember(self, image_path: str, labelmap: np.ndarray, values: list[int]) -> None:
+        """Record what SegVol returned for each value, to tell later saves apart: AUTOMATIC
+        (unchanged), SEMIAUTOMATIC (edited) or MANUAL (never predicted)."""
+        key = os.path.realpath(image_path)
+        record = self._provenance.pop(key, {})
+        for v in set(values):
+            record[v] = mask_digest(labelmap == v)
+        self._provenance[key] = record
+        while len(self._provenance) > 64:
+            self._provenance.popitem(last=False)
+
+    def algorithm_type(self, image_path: str, value: int, mask: np.ndarray) -> str:
+        known = self._provenance.get(os.path.realpath(image_path), {}).get(value)
+        if known is None:
+            return "MANUAL"
+        return "AUTOMATIC" if known == mask_digest(mask) else "SEMIAUTOMATIC"
 
     def segment(self, volume: Volume, prompts: list[Prompt], zoom_in: bool | None = None) -> Segmentation:
         predictor = self.wait()

@@ -56,6 +56,7 @@ class SegVolInferTask(InferTask):
         except ServiceUnavailable as e:
             raise HTTPException(status_code=503, detail=str(e)) from e
         labelmap = combine(seg.masks, seg.logits, [t.value for t in targets])
+        self.service.remember(request["image"], labelmap, [t.value for t in targets])
         with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
             path = f.name
         write_like(volume, labelmap, path, compress=out.compress)

@@ -1,0 +1,219 @@
+"""Orthanc as the DICOMweb archive: a Slicer session against it, SEG back to the archive,
+basic auth, and the archive going away mid-session. Real Orthanc (Debian package), real
+MONAI Label server process, MONAILabelClient as 3D Slicer uses it."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sys
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from conftest import ROOT
+from server import Server, free_port
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import orthanc  # noqa: E402
+
+pytestmark = pytest.mark.dicomweb
+USER, PASSWORD = "annotator", "s3cret"
+RIGHT_LUNG = 84
+
+
+class Archive:
+    def __init__(self, folder):
+        if not shutil.which("Orthanc"):
+            pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; scripts/setup.sh does)")
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self):
+        self.proc = orthanc.start(self.port, self.folder, USER, PASSWORD)
+
+    def stop(self):
+        orthanc.stop(self.folder)
+        self.proc.wait(20)
+
+    def get(self, path, **kw):
+        return requests.get(self.url + path, auth=(USER, PASSWORD), timeout=30, **kw)
+
+    def segs(self) -> list[pydicom.Dataset]:
+        """Every SEG instance in the archive, oldest first."""
+        found = requests.post(
+            f"{self.url}/tools/find",
+            auth=(USER, PASSWORD),
+            timeout=30,
+            json={"Level": "Instance", "Query": {"Modality": "SEG"}},
+        ).json()
+        segs = [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
+        return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    a = Archive(tmp_path_factory.mktemp("orthanc"))
+    a.series = orthanc.load_samples(a.port, a.folder, USER, PASSWORD)
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="module")
+def server(archive, tmp_path_factory):
+    work = tmp_path_factory.mktemp("monailabel")
+    srv = Server(
+        f"{archive.url}/dicom-web",
+        {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"},
+        work / "server.log",
+        extra_env={
+            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
+            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
+        },
+    )
+    try:
+        srv.info = srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_orthanc_holds_the_sample_series_behind_basic_auth(archive):
+    assert requests.get(f"{archive.url}/dicom-web/studies", timeout=10).status_code == 401
+    uid = archive.series["lung1"]
+    series = archive.get("/dicom-web/series").json()
+    assert [s["0020000E"]["Value"][0] for s in series] == [uid]
+
+
+def test_a_slicer_session_ends_with_a_seg_in_the_archive(server, archive, tmp_path):
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    info = client.info()
+    assert info["datastore"]["total"] == 1 and set(info["models"]) >= {"segvol_deepgrow", "segvol_segmentation"}
+    sample = client.next_sample("random", {})
+    image_id = sample["id"]
+    assert image_id == archive.series["lung1"]
+
+    result_file, result = client.infer(
+        "segvol_deepgrow",
+        image_id,
+        {
+            "label": "right lung",
+            "foreground": [[180, 260, 24]],
+            "background": [[380, 260, 24]],
+            "roi": [250, 100, 150, 350, 40, 10],
+            "result_extension": ".nrrd",
+            "result_dtype": "uint8",
+        },
+    )
+    assert result["label_names"] == {"right lung": RIGHT_LUNG}
+    assert result["prompts"][0]["box"] == [100, 150, 10, 250, 350, 40]
+    seg_file, seg_result = client.infer("segvol_segmentation", image_id, {"texts": "left lung"})
+    assert seg_result["label_names"] == {"left lung": 62}
+
+    label, _ = nrrd.read(result_file)
+    assert label.shape == (512, 512, 48)
+    edited = (label == RIGHT_LUNG).astype(np.uint8)  # Slicer exports segment 1 ...
+    edited[:, :, 40:] = 0  # ... after the annotator erased the top slices
+    nib.save(nib.Nifti1Image(edited, np.eye(4)), str(tmp_path / "label.nii.gz"))
+    saved = client.save_label(
+        image_id, str(tmp_path / "label.nii.gz"), tag="final", params={"label_info": [{"name": "right lung", "idx": 1}]}
+    )
+    assert saved["label"] == image_id
+
+    (seg,) = archive.segs()
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
+    (segment,) = seg.SegmentSequence
+    assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert segment.SegmentAlgorithmName == "SegVol" and server.info["model_version"] in seg.SeriesDescription
+    code = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("39607008", "SCT", "Lung")
+    assert segment.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    assert int(seg.NumberOfFrames) == 48  # every slice, empty ones included
+
+    # read back onto the image grid: the same voxels, in the app's values
+    from lib.dicom_seg import read_seg
+    from segvol.vocabulary import default_vocabulary
+
+    seg.save_as(str(tmp_path / "seg.dcm"))
+    reference = sitk.ReadImage(str(ROOT / "sample-datastore" / "lung1.nii.gz"))
+    back = read_seg(tmp_path / "seg.dcm", reference, default_vocabulary())
+    np.testing.assert_array_equal(back, edited * RIGHT_LUNG)
+
+    stats = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()
+    assert stats["completed"] == 1  # the datastore counts the image as labeled
+    assert client.info()["datastore"]["completed"] == 1
+
+
+def test_an_unedited_result_is_stored_as_automatic(server, archive, tmp_path):
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    image_id = archive.series["lung1"]
+    result_file, _ = client.infer("segvol", image_id, {"label_prompt": [62]})
+    label, _ = nrrd.read(result_file)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "label.nii.gz"))
+    client.save_label(image_id, str(tmp_path / "label.nii.gz"), tag="final")
+    (segment,) = archive.segs()[-1].SegmentSequence
+    assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("left lung", "AUTOMATIC")
+
+
+def test_bad_uploads_are_refused_and_nothing_is_stored(server, archive, tmp_path):
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    image_id = archive.series["lung1"]
+    before = len(archive.segs())
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), str(tmp_path / "small.nii.gz"))
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    cases = [
+        (image_id, "small.nii.gz", "final", "differs from the image shape"),
+        (image_id, "junk.nii.gz", "final", "not a readable volume"),
+        (image_id, "small.nii.gz", "../../x", "not allowed"),
+        ("1.2.3.4", "small.nii.gz", "final", "no image"),
+    ]
+    for image, name, tag, message in cases:
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label(image, str(tmp_path / name), tag=tag)
+        assert message in str(e.value)
+    assert len(archive.segs()) == before
+
+
+def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    image_id = archive.series["lung1"]
+    before = len(archive.segs())
+    label = np.zeros((512, 512, 48), np.uint8)
+    label[200:260, 200:260, 20:25] = 1
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "a.nii.gz"))
+    archive.stop()
+    try:
+        with pytest.raises(MONAILabelClientException) as e:
+            client.save_label(
+                image_id,
+                str(tmp_path / "a.nii.gz"),
+                tag="final",
+                params={"label_info": [{"name": "trachea", "idx": 1}]},
+            )
+        assert "Status: 503" in str(e.value) and "kept in" in str(e.value)
+        # annotation goes on meanwhile: the image is in the server's cache
+        _, result = client.infer("segvol", image_id, {"label_prompt": [62]})
+        assert result["label_names"] == {"left lung": 62}
+    finally:
+        archive.start()
+    label[300:320, 300:320, 10:12] = 2
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "b.nii.gz"))
+    client.save_label(
+        image_id,
+        str(tmp_path / "b.nii.gz"),
+        tag="final",
+        params={"label_info": [{"name": "trachea", "idx": 1}, {"name": "esophagus", "idx": 2}]},
+    )
+    segs = archive.segs()
+    assert len(segs) == before + 2  # the kept SEG went first, then the new one
+    labels = [sorted(s.SegmentLabel for s in d.SegmentSequence) for d in segs[-2:]]
+    assert sorted(labels) == [["esophagus", "trachea"], ["trachea"]]

@@ -4,65 +4,26 @@ MONAI Label server process, MONAILabelClient as 3D Slicer uses it."""
 
 from __future__ import annotations
 
-import io
-import shutil
-import sys
-
 import nibabel as nib
 import nrrd
 import numpy as np
-import pydicom
 import pytest
 import requests
 import SimpleITK as sitk
+from archive import PASSWORD, USER, Archive
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from conftest import ROOT
-from server import Server, free_port
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import orthanc  # noqa: E402
+from server import Server
 
 pytestmark = pytest.mark.dicomweb
-USER, PASSWORD = "annotator", "s3cret"
 RIGHT_LUNG = 84
-
-
-class Archive:
-    def __init__(self, folder):
-        if not shutil.which("Orthanc"):
-            pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; scripts/setup.sh does)")
-        self.folder, self.port = folder, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self):
-        self.proc = orthanc.start(self.port, self.folder, USER, PASSWORD)
-
-    def stop(self):
-        orthanc.stop(self.folder)
-        self.proc.wait(20)
-
-    def get(self, path, **kw):
-        return requests.get(self.url + path, auth=(USER, PASSWORD), timeout=30, **kw)
-
-    def segs(self) -> list[pydicom.Dataset]:
-        """Every SEG instance in the archive, oldest first."""
-        found = requests.post(
-            f"{self.url}/tools/find",
-            auth=(USER, PASSWORD),
-            timeout=30,
-            json={"Level": "Instance", "Query": {"Modality": "SEG"}},
-        ).json()
-        segs = [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
-        return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     a = Archive(tmp_path_factory.mktemp("orthanc"))
-    a.series = orthanc.load_samples(a.port, a.folder, USER, PASSWORD)
     yield a
     a.stop()
 

@@ -80,7 +80,9 @@ def test_info_lists_the_tasks_and_the_vocabulary(server):
         "segvol_segmentation": "segmentation",
         "segvol_deepgrow": "deepgrow",
     }
-    assert len(info["labels"]) == 223 and info["labels"]["liver"] == LIVER and info["labels"]["spleen"] == SPLEEN
+    labels = info["models"]["segvol"]["labels"]
+    assert len(labels) == 223 and labels["liver"] == LIVER and labels["spleen"] == SPLEEN
+    assert info["labels"] == sorted(labels, key=labels.get)  # the app-level list, in index order
     assert info["models"]["segvol_segmentation"]["config"] == {"texts": "liver, spleen, right kidney, left kidney"}
     assert "UNTRAINED" in info["warning"] and "seeded" in info["model_version"]
     assert info["datastore"]["total"] == 2
@@ -150,7 +152,8 @@ def test_ohif_point_prompt(server):
 
 def test_ohif_auto_segmentation_runs_the_configured_set(server):
     excluded = {"kidney", "lung", "bone", "lung tumor", "uterus", "postcava"}
-    every = sorted((v for k, v in server.info["labels"].items() if k not in excluded), key=str)
+    labels = server.info["models"]["segvol"]["labels"]
+    every = sorted((v for k, v in labels.items() if k not in excluded), key=str)
     meta = _ohif(server, "segvol", "abdo", {"label_prompt": every, **OHIF_KEYS}, output="json").json()
     names = [p["name"] for p in meta["prompts"]]
     assert names == [
@@ -165,7 +168,7 @@ def test_ohif_auto_segmentation_runs_the_configured_set(server):
         "inferior vena cava",
         "esophagus",
     ]
-    assert all(meta["label_names"][n] == server.info["labels"][n] for n in names)
+    assert all(meta["label_names"][n] == labels[n] for n in names)
 
 
 def test_rest_text_box_and_points_together(server):
@@ -189,7 +192,7 @@ def test_the_sample_ct_segments_on_its_own_grid(server, tmp_path):
         server,
         "segvol",
         "lung1",
-        {"label_prompt": [server.info["labels"]["lung tumours"]], "zoom_in": False, **OHIF_KEYS},
+        {"label_prompt": [223], "zoom_in": False, **OHIF_KEYS},
     )
     assert r.status_code == 200, r.text
     (tmp_path / "r.nrrd").write_bytes(r.content)

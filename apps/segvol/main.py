@@ -38,7 +38,7 @@ class SegVolApp(MONAILabelApp):
             name="segvol-label",
             description="SegVol: text, point and box prompted CT segmentation (223 categories)",
             version=segvol.__version__,
-            labels=self.task_config.labels,
+            labels=None,  # MONAI Label lists the tasks' labels in index order (OHIF wants a list here)
         )
 
     @property

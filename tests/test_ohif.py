@@ -1,0 +1,162 @@
+"""OHIF (bundled with MONAI Label) in a real headless Chromium (Debian's), on Orthanc via
+MONAI Label's DICOMweb proxy: study list, monai-label mode, class prompt and point prompt.
+
+Assertions are on the segmentation the page holds (OHIF's labelmap volume), compared with what
+the server returns for the very request the page sent. Screenshots go to
+build/test-artifacts/ohif/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nrrd
+import numpy as np
+import pytest
+import requests
+from archive import PASSWORD, USER, Archive
+
+from conftest import ROOT
+from server import Server
+
+pytestmark = pytest.mark.e2e
+ARTIFACTS = ROOT / "build" / "test-artifacts" / "ohif"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+RIGHT_LUNG = 84
+LABELMAP_COUNTS = """() => {
+    const data = window.services.segmentationService.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray();
+    const counts = {};
+    for (let i = 0; i < data.length; i++) { if (data[i]) counts[data[i]] = (counts[data[i]] || 0) + 1; }
+    return {n: data.length, counts: counts};
+}"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.fail("Debian's chromium is not installed (SEGVOL_BROWSER=1 bash scripts/setup.sh installs it)")
+    work = tmp_path_factory.mktemp("ohif")
+    archive = Archive(work / "orthanc")
+    srv = Server(
+        f"{archive.url}/dicom-web",
+        {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"},
+        work / "server.log",
+        extra_env={
+            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
+            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
+        },
+    )
+    try:
+        srv.info = srv.wait_ready()
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.sent = []
+            page.on("request", lambda r: page.sent.append(r) if "/infer/" in r.url else None)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            yield archive, srv, page
+            browser.close()
+    finally:
+        srv.stop()
+        archive.stop()
+
+
+def _segment_index(info: dict, name: str) -> int:
+    """OHIF numbers its segments by the alphabetical rank of the label names."""
+    return sorted(set(info["labels"])).index(name) + 1
+
+
+def _server_result(srv, image: str, body: dict, tmp_path) -> np.ndarray:
+    r = requests.post(
+        f"{srv.url}/infer/segvol",
+        params={"image": image, "output": "image"},
+        files={"params": (None, json.dumps(body))},
+        timeout=300,
+    )
+    r.raise_for_status()
+    (tmp_path / "result.nrrd").write_bytes(r.content)
+    return nrrd.read(str(tmp_path / "result.nrrd"))[0]
+
+
+def _params(request) -> dict:
+    body = request.post_data
+    start = body.index("{")
+    return json.loads(body[start : body.rindex("}") + 1])
+
+
+def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
+    archive, srv, page = stack
+    study = archive.get("/dicom-web/studies").json()[0]["0020000D"]["Value"][0]
+    series = archive.series["lung1"]
+
+    page.goto(f"{srv.url}/ohif/", wait_until="domcontentloaded")
+    page.get_by_text("SAMPLE-LUNG1").first.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "1-study-list.png"))
+    assert "SAMPLE, LUNG1" in page.inner_text("body")
+
+    page.goto(f"{srv.url}/ohif/monai-label?StudyInstanceUIDs={study}", wait_until="domcontentloaded")
+    page.locator("#monailabelServerURL").wait_for(timeout=90_000)
+    page.get_by_text("Confirm and Hide").click()
+    page.fill("#monailabelServerURL", srv.url + "/")
+    page.locator("table.settingsTable button.actionButton").first.click()
+    page.get_by_text("Class Prompts").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(2000)  # the panel creates its labelmap a second after connecting
+    page.screenshot(path=str(ARTIFACTS / "2-monai-label-mode.png"))
+
+    # class prompt: tick "right lung", Run
+    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Class Prompts"))
+    tab.locator("label.tab-label").click()
+    tab.locator("table.optionsTable tr").filter(has_text="right lung").first.locator("input[type=checkbox]").check()
+    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
+        tab.locator("button.actionButton", has_text="Run").click()
+    assert resp.value.status == 200
+    sent = _params(page.sent[-1])
+    assert sent["label_prompt"] == [RIGHT_LUNG] and sent["result_dtype"] == "uint8"
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(ARTIFACTS / "3-class-prompt.png"))
+    counts = page.evaluate(LABELMAP_COUNTS)
+    expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
+    segment = str(_segment_index(srv.info, "right lung"))
+    assert counts["n"] == 512 * 512 * 48 and expected > 0
+    assert counts["counts"] == {segment: expected}
+
+    # point prompt: pick the class, click twice in the axial viewport, Run
+    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Point Prompts"))
+    tab.locator("label.tab-label").click()
+    tab.locator("select.selectBox").select_option("segvol")
+    tab.locator("tr.clickable-row", has_text="right lung").first.click()
+    box = page.evaluate("""() => {
+        const el = [...document.querySelectorAll('[data-viewport-uid], [data-viewportid]')].find(
+            e => (e.getAttribute('data-viewport-uid') || e.getAttribute('data-viewportid')) === 'mpr-axial');
+        const r = el.getBoundingClientRect();
+        return {x: r.x, y: r.y, width: r.width, height: r.height};
+    }""")
+    for fx, fy in ((0.27, 0.53), (0.33, 0.58)):
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        page.wait_for_timeout(500)
+    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
+        tab.locator("button.actionButton", has_text="Run").click()
+    assert resp.value.status == 200
+    sent = _params(page.sent[-1])
+    assert sent["label_prompt"] == [RIGHT_LUNG] and sent["point_labels"] == [1, 1] and len(sent["points"]) == 2
+    assert all(0 <= i < 512 and 0 <= j < 512 and 0 <= k < 48 for i, j, k in sent["points"])
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(ARTIFACTS / "4-point-prompt.png"))
+    counts = page.evaluate(LABELMAP_COUNTS)
+    expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
+    assert counts["counts"] == {segment: expected}

@@ -160,3 +160,38 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     counts = page.evaluate(LABELMAP_COUNTS)
     expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
     assert counts["counts"] == {segment: expected}
+
+
+def test_a_correction_made_in_the_page_reaches_the_archive(stack):
+    """The bundled OHIF's monai-label mode has no save action and its own "Export DICOM SEG"
+    fails in this build (INFRA.md); the path that works is MONAI Label's label upload with the
+    page's raw labelmap (label.bin), sent here from the page itself after an edit."""
+    archive, srv, page = stack
+    series = archive.series["lung1"]
+    before = len(archive.segs())
+    saved = page.evaluate(
+        """async ([url, series]) => {
+        const vm = window.services.segmentationService.getLabelmapVolume('1').voxelManager;
+        const data = vm.getCompleteScalarDataArray();
+        const plane = 512 * 512;
+        for (let i = 40 * plane; i < data.length; i++) data[i] = 0;   // the annotator erases the top slices
+        vm.setCompleteScalarDataArray(data);
+        const values = [...new Set(data)].filter(v => v).sort((a, b) => a - b);
+        const segs = window.services.segmentationService.getSegmentation('1').segments;
+        const label_info = values.map(v => ({name: segs[v].label}));
+        const form = new FormData();
+        form.append('params', JSON.stringify({label_info}));
+        form.append('label', new Blob([new Uint8Array(data.buffer, data.byteOffset, data.byteLength)]), 'label.bin');
+        const r = await fetch(`${url}/datastore/label?image=${series}&tag=final`, {method: 'PUT', body: form});
+        return {status: r.status, body: await r.text(), label_info, voxels: data.filter(v => v).length};
+    }""",
+        [srv.url, series],
+    )
+    assert saved["status"] == 200, saved["body"]
+    assert saved["label_info"] == [{"name": "right lung"}]
+    segs = archive.segs()
+    assert len(segs) == before + 1
+    (segment,) = segs[-1].SegmentSequence
+    assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
+    frames = segs[-1].pixel_array  # (48, 512, 512): every slice, so frame k is slice k
+    assert int(frames.sum()) == saved["voxels"] and not frames[40:].any()

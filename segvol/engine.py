@@ -198,29 +198,52 @@ class SegVolPredictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _plan(self, prompt: Prompt, coarse: torch.Tensor, model_box) -> Plan | None:
-        image = self._require_image()
-        preds = torch.sigmoid(coarse) > 0.5
-        roi = roi_from_mask(preds, self.size)
+    def window_grid(self, mask: torch.Tensor) -> Plan | None:
+        """Zoom-in windows around a crop-grid mask: the official ROI, padding and window placement."""
+        roi = roi_from_mask(mask, self.size)
         if roi is None:
             return None
         lengths = [b - a for a, b in roi]
         padded = tuple(max(n, w) for n, w in zip(lengths, self.size))
         pad = tuple((p - n) // 2 for p, n in zip(padded, lengths))
         per_axis = [window_starts(padded[ax], self.size[ax], self.overlap) for ax in range(3)]
-        starts = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
-        roi_preds = preds[tuple(slice(a, b) for a, b in roi)]
-        padded_preds = F.pad(roi_preds, [p for ax in (2, 1, 0) for p in (pad[ax], padded[ax] - lengths[ax] - pad[ax])])
-        padded_preds = padded_preds.cpu().numpy()
-        clicks = points_to_crop(prompt.points, image.crop) if prompt.points else []
         windows = []
-        for s in starts:
+        for start in ((a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]):
             key = []
             for ax in range(3):
-                p0, p1 = s[ax] - pad[ax], s[ax] + self.size[ax] - pad[ax]
+                p0, p1 = start[ax] - pad[ax], start[ax] + self.size[ax] - pad[ax]
                 a, b = max(p0, 0), min(p1, lengths[ax])
                 key.append((roi[ax][0] + a, roi[ax][0] + b, max(-p0, 0)))
-            win = Window(s, tuple(key))
+            windows.append(Window(start, tuple(key)))
+        return Plan(roi, pad, padded, windows)
+
+    def pad_roi(self, values: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Crop-grid values inside the plan's ROI, zero-padded as the window image is."""
+        inner = values[tuple(slice(a, b) for a, b in plan.roi)]
+        lengths = [b - a for a, b in plan.roi]
+        return F.pad(
+            inner, [p for ax in (2, 1, 0) for p in (plan.pad[ax], plan.padded[ax] - lengths[ax] - plan.pad[ax])]
+        )
+
+    def window_embeddings(self, keys: list[WindowKey]) -> list[torch.Tensor]:
+        """Embeddings of zoom-in windows, encoding (in batches) only those not cached yet."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._windows))
+        if missing:
+            for key, emb in zip(missing, self._encode([self._window_volume(k) for k in missing])):
+                self._windows[key] = emb
+        return [self._windows[k] for k in keys]
+
+    def _plan(self, prompt: Prompt, coarse: torch.Tensor, model_box) -> Plan | None:
+        image = self._require_image()
+        preds = torch.sigmoid(coarse) > 0.5
+        plan = self.window_grid(preds)
+        if plan is None:
+            return None
+        padded_preds = self.pad_roi(preds, plan).cpu().numpy()
+        clicks = points_to_crop(prompt.points, image.crop) if prompt.points else []
+        roi, pad = plan.roi, plan.pad
+        for win in plan.windows:
+            s = win.start
             in_window = padded_preds[tuple(slice(s[ax], s[ax] + self.size[ax]) for ax in range(3))]
             if prompt.points:
                 win.box = mask_box(in_window)
@@ -230,12 +253,11 @@ class SegVolPredictor:
                         win.points.append(w)
                         win.labels.append(lab)
             elif prompt.box is not None:
-                if len(starts) == 1:
+                if len(plan.windows) == 1:
                     win.box = model_box_on_crop(model_box, image.crop.shape, self.size, roi)
                 else:
                     win.box = mask_box(in_window)
-            windows.append(win)
-        return Plan(roi, pad, padded, windows)
+        return plan
 
     def _window_volume(self, key: WindowKey) -> torch.Tensor:
         image = self._require_image()
@@ -278,11 +300,7 @@ class SegVolPredictor:
             plan = self._plan(prompt, coarse, model_box) if zoom_in else None
             staged.append((prompt, text_emb, coarse, plan, trace))
         # encode every window not yet cached, all targets together
-        needed = [w.key for *_, plan, _ in staged if plan for w in plan.windows]
-        missing = list(dict.fromkeys(k for k in needed if k not in self._windows))
-        if missing:
-            for key, emb in zip(missing, self._encode([self._window_volume(k) for k in missing])):
-                self._windows[key] = emb
+        self.window_embeddings([w.key for *_, plan, _ in staged if plan for w in plan.windows])
         return [self._finish(*s) for s in staged]
 
     def _finish(self, prompt, text_emb, coarse, plan: Plan | None, trace) -> Target:

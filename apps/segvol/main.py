@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -87,9 +89,42 @@ class SegVolApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
 
+    def init_trainers(self) -> dict:
+        return {"segvol": self.task_config.trainer()}
+
     def on_init_complete(self) -> None:
         super().on_init_complete()
         self.service.start()
+        minutes = self.service.settings.train_every_minutes
+        if minutes > 0:
+            threading.Thread(target=self._scheduled_rounds, args=(minutes,), name="segvol-rounds", daemon=True).start()
+
+    def new_final_labels(self) -> int:
+        """Final labels saved since the last round's data was taken."""
+        store = self.service.versions
+        names = store.names()
+        used = len(store.meta(names[-1]).get("labels", [])) if names else 0
+        return len(self.datastore().datalist()) - used
+
+    def start_round(self, why: str) -> None:
+        log.info("starting a fine-tune round: %s", why)
+        self.async_training("segvol")  # MONAI Label refuses a second one while one runs
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict:
+        result = super().on_save_label(image_id, label_id) or {}
+        after = self.service.settings.train_after_labels
+        if after > 0 and self.new_final_labels() >= after:
+            self.start_round(f"{self.new_final_labels()} new final labels (train_after_labels {after})")
+        return result
+
+    def _scheduled_rounds(self, minutes: float) -> None:
+        while True:
+            time.sleep(minutes * 60)
+            try:
+                if self.new_final_labels() > 0:
+                    self.start_round(f"schedule (every {minutes:g} min) with new final labels")
+            except Exception:  # a scheduler that dies silently is worse than a logged failure
+                log.exception("scheduled round failed to start")
 
     def info(self) -> dict:
         meta = super().info()

@@ -20,7 +20,9 @@ import torch
 
 from lib.labels import mask_digest
 from lib.settings import AppSettings
+from lib.versions import BASE, VersionError, VersionStore
 from segvol.engine import SegVolPredictor, Target
+from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
 from segvol.prompts import Prompt
@@ -53,6 +55,10 @@ class SegVolService:
         self.vocabulary = vocabulary or default_vocabulary()
         self.predictor: SegVolPredictor | None = None
         self.version = "not loaded"
+        self.base_version = "not loaded"
+        self.decoder_version = BASE
+        self.versions = VersionStore(settings.versions_dir)
+        self._base_state: dict | None = None
         self.error: str | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -69,10 +75,15 @@ class SegVolService:
         threading.Thread(target=self.load, name="segvol-load", daemon=True).start()
 
     def load(self) -> None:
+        if self.predictor is not None:
+            return
         t0 = time.perf_counter()
         try:
             model = self._build()
+            self.base_version = self.version
+            self._base_state = trainable_state(model)
             self.predictor = SegVolPredictor(model, self.settings.device, zoom_in=self.settings.zoom_in)
+            self.sync_version()
             log.info("SegVol %s ready on %s in %.1f s", self.version, self.predictor.device, time.perf_counter() - t0)
             if self.warning:
                 log.warning("!" * 20 + " %s " + "!" * 20, self.warning)
@@ -94,8 +105,29 @@ class SegVolService:
                 "config is read from segvol_config.json beside it"
             )
         path = find_or_download(None if s.weights == "hub" else s.weights, s.model_dir)
+        self.weights_path = path
         self.version = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
         return load_segvol(path)
+
+    def sync_version(self) -> None:
+        """Serve the version named in the versions folder's ACTIVE file. Called before every
+        request (under the model lock), so a promotion or rollback takes effect at the next
+        request; a damaged version is refused and the current one stays."""
+        wanted = self.versions.active()
+        if wanted == self.decoder_version or self.predictor is None:
+            return
+        try:
+            state = self._base_state if wanted == BASE else self.versions.load(wanted)
+            unknown = set(state) - set(self._base_state)
+            if unknown:
+                raise VersionError(f"version {wanted} has tensors outside the decoder: {sorted(unknown)[:3]}")
+        except VersionError as e:
+            log.error("keeping %s: %s", self.version, e)
+            return
+        self.predictor.model.load_state_dict(state, strict=False)
+        self.decoder_version = wanted
+        self.version = self.base_version if wanted == BASE else f"{self.base_version}+{wanted}"
+        log.info("now serving %s", self.version)
 
     def wait(self, timeout: float = 600) -> SegVolPredictor:
         if not self._ready.wait(timeout):
@@ -137,6 +169,7 @@ class SegVolService:
     def segment(self, volume: Volume, prompts: list[Prompt], zoom_in: bool | None = None) -> Segmentation:
         predictor = self.wait()
         with self._lock:
+            self.sync_version()
             before = dict(predictor.timings)
             t0 = time.perf_counter()
             predictor.set_image(volume.array)

@@ -27,6 +27,13 @@ HELP = {
     "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
+    "versions_dir": "where fine-tuned decoder versions live (default <app>/model/versions)",
+    "train_steps": "decoder optimiser steps per fine-tune round (400)",
+    "train_lr": "learning rate of the decoder fine-tune (1e-4)",
+    "train_after_labels": "start a round once this many new final labels are saved (0: off)",
+    "train_every_minutes": "start a round on this schedule when there are new final labels (0: off)",
+    "promote_min_gain": "held-out Dice must rise by more than this for a version to be served (0.0)",
+    "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
 }
 
 
@@ -52,16 +59,35 @@ class AppSettings:
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
     model_dir: Path = field(default=Path("model"))
+    versions_dir: Path = field(default=Path("model/versions"))
+    train_steps: int = 400
+    train_lr: float = 1e-4
+    train_after_labels: int = 0
+    train_every_minutes: float = 0.0
+    promote_min_gain: float = 0.0
+    promote_replay_margin: float = 0.1
 
     @classmethod
     def from_conf(cls, conf: dict, model_dir: Path) -> AppSettings:
         unknown = sorted(k for k in conf if k in ("weights", "model_config") and not conf[k])
         if unknown:
             raise ConfError(f"--conf {unknown[0]} needs a value")
-        try:
-            auto_max = int(conf.get("auto_max_labels", 10))
-        except ValueError as e:
-            raise ConfError(f"--conf auto_max_labels {conf['auto_max_labels']!r}: expected a whole number") from e
+        numbers = {}
+        for key in (
+            "auto_max_labels",
+            "train_steps",
+            "train_lr",
+            "train_after_labels",
+            "train_every_minutes",
+            "promote_min_gain",
+            "promote_replay_margin",
+        ):
+            default = cls.__dataclass_fields__[key].default
+            kind = type(default)
+            try:
+                numbers[key] = kind(conf.get(key, default))
+            except ValueError as e:
+                raise ConfError(f"--conf {key} {conf[key]!r}: expected a {kind.__name__}") from e
         auto = conf.get("auto_labels")
         labels = tuple(s.strip() for s in auto.split(",") if s.strip()) if auto else DEFAULT_AUTO_LABELS
         from segvol.model import CONFIGS
@@ -75,8 +101,9 @@ class AppSettings:
             device=conf.get("device", "auto"),
             zoom_in=_bool(conf, "zoom_in", True),
             auto_labels=labels,
-            auto_max_labels=auto_max,
             model_dir=model_dir,
+            versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),
+            **numbers,
         )
 
     @property

@@ -13,6 +13,7 @@ from lib.infers.segmentation import SegVolSegmentation
 from lib.infers.vista3d import SegVolVista3D
 from lib.service import SegVolService
 from lib.settings import AppSettings
+from lib.trainers.decoder import SegVolDecoderTrainer
 
 log = logging.getLogger(__name__)
 
@@ -34,5 +35,5 @@ class SegVolTaskConfig(TaskConfig):
             f"{self.name}_deepgrow": SegVolDeepgrow(self.service),
         }
 
-    def trainer(self):
-        return None
+    def trainer(self) -> SegVolDecoderTrainer:
+        return SegVolDecoderTrainer(self.service)

@@ -1,0 +1,151 @@
+"""Fine-tune rounds of SegVol's decoder on the datastore's final labels (MONAI Label train task).
+
+A round: split the labelled images into train / held-out (by a stable hash of the image id),
+encode every training view once (zoom-out volume and zoom-in windows; encoders frozen), measure
+held-out Dice, record what the served model answers for other categories (the replay set),
+train the decoder with simulated prompts, measure again, and write a new version. The version is
+served only if held-out Dice rose by more than ``promote_min_gain`` and the replay Dice against
+the previous answers stays above 1 - ``promote_replay_margin`` (so the model does not forget).
+MONAI Label runs this in a subprocess; the server picks the promoted version up at its next
+request. A killed or failing round leaves no version behind and the served one unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from monailabel.interfaces.tasks.train import TrainTask
+from tqdm import tqdm
+
+from lib.service import SegVolService
+from segvol.finetune import DecoderTrainer, View, trainable_state, views_of
+from segvol.io import read_volume
+
+log = logging.getLogger(__name__)
+
+
+def _held_out(image_id: str) -> bool:
+    return int(hashlib.sha256(image_id.encode()).hexdigest(), 16) % 5 == 0
+
+
+class SegVolDecoderTrainer(TrainTask):
+    def __init__(self, service: SegVolService) -> None:
+        super().__init__("Fine-tune SegVol's decoder on the final labels (encoders frozen)")
+        self.service = service
+
+    def config(self) -> dict:
+        s = self.service.settings
+        return {"steps": s.train_steps, "lr": s.train_lr}
+
+    def stats(self) -> dict:
+        store = self.service.versions
+        names = store.names()
+        last = store.meta(names[-1]) if names else {}
+        return {"active": store.active(), "versions": names, "last_round": last}
+
+    def labelled(self, datastore) -> list[tuple[str, str, str]]:
+        """(image id, image path, label path) of every final label in the datastore."""
+        out = []
+        for item in datastore.datalist(full_path=True):
+            image_id = Path(item["image"]).name.split(".")[0]
+            out.append((image_id, item["image"], item["label"]))
+        return out
+
+    def _views(self, predictor, items) -> list[View]:
+        vocab = self.service.vocabulary
+        views = []
+        for image_id, image_path, label_path in tqdm(items, desc="encoding views", unit="image"):
+            image = read_volume(image_path).array
+            label = np.asarray(read_volume(label_path).array)
+            for value in (int(v) for v in np.unique(label) if v):
+                if not 1 <= value <= len(vocab):
+                    log.warning("%s: label value %d names no SegVol category; skipped", image_id, value)
+                    continue
+                name = vocab.categories[value - 1].name
+                views += views_of(predictor, image, label == value, name, image_id)
+        return views
+
+    def __call__(self, request: dict, datastore) -> dict:
+        store = self.service.versions
+        store.cleanup_partial()
+        with open(store.root / "train.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return {"status": "skipped", "reason": "another round is running"}
+            return self._round(request, datastore)
+
+    def _round(self, request: dict, datastore) -> dict:
+        t0 = time.time()
+        s = self.service.settings
+        steps = int(request.get("steps", s.train_steps))
+        lr = float(request.get("lr", s.train_lr))
+        items = self.labelled(datastore)
+        if not items:
+            return {"status": "skipped", "reason": "no final labels in the datastore"}
+        held = [it for it in items if _held_out(it[0])] or items[-1:]
+        train = [it for it in items if it not in held] or held
+        log.info(
+            "round: %d labelled images (%d train, %d held out), %d steps at lr %g",
+            len(items),
+            len(train),
+            len(held),
+            steps,
+            lr,
+        )
+        self.service.load()
+        predictor = self.service.wait()
+        previous = self.service.version
+        train_views, val_views = self._views(predictor, train), self._views(predictor, held)
+        if not train_views:
+            return {"status": "skipped", "reason": "the final labels name no SegVol category"}
+        trainer = DecoderTrainer(predictor, lr=lr, seed=int(request.get("seed", 0)))
+        trained = sorted({v.category for v in train_views})
+        others = [c for c in s.auto_labels if c not in trained][:3]
+        replay = trainer.replay_views(train_views + val_views, others)
+        before = trainer.mean_dice(val_views)
+        bar = tqdm(total=steps, desc="fine-tune", unit="step")
+        losses = trainer.train(
+            train_views,
+            steps,
+            replay=replay,
+            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+        )
+        bar.close()
+        after = trainer.mean_dice(val_views)
+        replay_dice = trainer.mean_dice(replay) if replay else 1.0
+        gain_ok = after > before + s.promote_min_gain
+        replay_ok = replay_dice >= 1 - s.promote_replay_margin
+        meta = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "base": self.service.base_version,
+            "base_weights": str(getattr(self.service, "weights_path", s.weights)),
+            "started_from": previous,
+            "labels": [{"image": it[0], "held_out": it in held} for it in items],
+            "categories": trained,
+            "replay_categories": others,
+            "steps": steps,
+            "lr": lr,
+            "loss_first": losses[0],
+            "loss_last": float(np.mean(losses[-10:])),
+            "val_dice_before": before,
+            "val_dice_after": after,
+            "replay_dice": replay_dice,
+            "seconds": round(time.time() - t0, 1),
+        }
+        store = self.service.versions
+        name = store.write(trainable_state(predictor.model), meta)
+        if gain_ok and replay_ok:
+            store.activate(name, f"held-out Dice {before:.3f} -> {after:.3f}, replay {replay_dice:.3f}")
+            status = "promoted"
+        else:
+            why = [] if gain_ok else [f"held-out Dice {before:.3f} -> {after:.3f} did not rise"]
+            why += [] if replay_ok else [f"replay Dice {replay_dice:.3f} below 1 - {s.promote_replay_margin}"]
+            status = "rejected: " + "; ".join(why)
+        log.info("round %s: %s (%.1f s)", name, status, time.time() - t0)
+        return dict(meta, version=name, status=status)

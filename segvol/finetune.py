@@ -1,0 +1,208 @@
+"""Fine-tune SegVol's decoder on labelled volumes, with the encoders frozen.
+
+Why this is cheap: the image encoder and the CLIP text encoder do not change, so every training
+view (the zoom-out volume and the zoom-in windows around each label) is encoded once per round
+and the decoder trains on the cached embeddings. Prompts are simulated from each label as SegVol
+was trained: the category name as text, the label's bounding box (jittered), points inside and
+outside it, and their combinations. The loss is Dice + BCE, as in the official training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segvol.engine import SegVolPredictor
+from segvol.preprocess import Crop
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = ("mask_decoder.", "prompt_encoder.")
+# the official prompt combinations: (text, box, points)
+COMBINATIONS = (
+    (True, False, True),
+    (True, True, False),
+    (True, False, False),
+    (False, True, False),
+    (False, False, True),
+    (False, True, True),
+)
+
+
+@dataclass
+class View:
+    """One encoded view of a labelled image: what the decoder sees and what it should answer."""
+
+    embedding: torch.Tensor  # 1 x C x d x h x w, frozen
+    target: torch.Tensor  # D x H x W in {0, 1}, model resolution of the view
+    category: str
+    image: str  # which image it came from (for splits and reports)
+
+
+def crop_label(label_ijk: np.ndarray, crop: Crop) -> torch.Tensor:
+    """A label on the image grid -> the crop grid (d, h, w), as preprocessing moves the image."""
+    x = np.swapaxes(np.asarray(label_ijk), 0, 2)
+    return torch.from_numpy(np.ascontiguousarray(x[tuple(slice(a, b) for a, b in zip(crop.start, crop.stop))]))
+
+
+def views_of(
+    predictor: SegVolPredictor,
+    image_ijk: np.ndarray,
+    mask_ijk: np.ndarray,
+    category: str,
+    image_id: str,
+    zoom_in: bool = True,
+) -> list[View]:
+    """The zoom-out view and the zoom-in windows around the mask, each with its target."""
+    predictor.set_image(image_ijk)
+    image = predictor.image
+    mask = crop_label(mask_ijk > 0, image.crop).float()
+    if not mask.any():
+        return []
+    size = predictor.size
+    small = F.interpolate(mask[None, None], size=size, mode="nearest-exact")[0, 0]
+    views = [View(predictor.zoom_out_embedding(), small, category, image_id)]
+    plan = predictor.window_grid(mask > 0) if zoom_in else None
+    if plan is not None:
+        padded = predictor.pad_roi(mask, plan)
+        embeddings = predictor.window_embeddings([w.key for w in plan.windows])
+        for win, emb in zip(plan.windows, embeddings):
+            target = padded[tuple(slice(s, s + n) for s, n in zip(win.start, size))]
+            if target.any():
+                views.append(View(emb, target, category, image_id))
+    return views
+
+
+def _box(target: torch.Tensor, rng: random.Random, jitter: float) -> list[float]:
+    nz = torch.nonzero(target)
+    lo, hi = nz.min(0).values.tolist(), nz.max(0).values.tolist()
+    shape = target.shape
+    out_lo, out_hi = [], []
+    for ax in range(3):
+        j = max(1, round(jitter * (hi[ax] - lo[ax] + 1)))
+        out_lo.append(min(max(lo[ax] + rng.randint(-j, j), 0), shape[ax] - 1))
+        out_hi.append(min(max(hi[ax] + rng.randint(-j, j), out_lo[ax]), shape[ax] - 1))
+    return [float(v) for v in out_lo + out_hi]
+
+
+def _points(target: torch.Tensor, rng: random.Random, max_extra: int = 4) -> tuple[list, list]:
+    pos, neg = torch.nonzero(target > 0.5), torch.nonzero(target < 0.5)
+    pts, labels = [], []
+    for pool, label, n in ((pos, 1, 1 + rng.randint(0, max_extra)), (neg, 0, rng.randint(0, max_extra))):
+        for _ in range(n if len(pool) else 0):
+            pts.append(pool[rng.randrange(len(pool))].tolist())
+            labels.append(label)
+    return pts, labels
+
+
+def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    dice = 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+    return dice + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    p, t = pred.bool(), target.bool()
+    denom = int(p.sum()) + int(t.sum())
+    return 1.0 if denom == 0 else 2 * int((p & t).sum()) / denom
+
+
+class DecoderTrainer:
+    """Trains the decoder and prompt encoder of ``predictor.model`` in place."""
+
+    def __init__(self, predictor: SegVolPredictor, lr: float = 1e-4, seed: int = 0, jitter: float = 0.1) -> None:
+        self.predictor = predictor
+        self.model = predictor.model
+        self.rng = random.Random(seed)
+        self.jitter = jitter
+        torch.manual_seed(seed)
+        self.params = [p for n, p in self.model.named_parameters() if n.startswith(TRAINABLE)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self._text: dict[str, torch.Tensor] = {}
+
+    def _text_embedding(self, name: str) -> torch.Tensor:
+        if name not in self._text:
+            with torch.no_grad():
+                self._text[name] = self.model.encode_text([name]).detach()
+        return self._text[name]
+
+    def _logits(self, view: View, text: bool, box: bool, points: bool) -> torch.Tensor:
+        device = self.predictor.device
+        boxes = torch.tensor([_box(view.target, self.rng, self.jitter)], device=device) if box else None
+        pts = None
+        if points:
+            p, lab = _points(view.target, self.rng)
+            pts = (
+                torch.tensor([p], dtype=torch.float32, device=device),
+                torch.tensor([lab], dtype=torch.float32, device=device),
+            )
+        text_emb = self._text_embedding(view.category).to(device) if text else None
+        size = tuple(view.target.shape)
+        low = self.model.decode(view.embedding.to(device), text_emb, boxes, pts, upsample=False)
+        return F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0]
+
+    def train(
+        self,
+        views: list[View],
+        steps: int,
+        replay: list[View] = (),
+        replay_weight: float = 0.5,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
+        """``steps`` optimiser steps, one view each; replay views keep other categories as they were."""
+        if not views:
+            raise ValueError("no training views")
+        self.model.train()
+        losses = []
+        for step in range(steps):
+            use_replay = replay and self.rng.random() < replay_weight / (1 + replay_weight)
+            view = self.rng.choice(list(replay) if use_replay else views)
+            combo = (True, False, False) if use_replay else COMBINATIONS[step % len(COMBINATIONS)]
+            target = view.target.to(self.predictor.device)
+            loss = dice_bce(self._logits(view, *combo), target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(step + 1, losses[-1])
+        self.model.eval()
+        return losses
+
+    @torch.no_grad()
+    def predict(self, view: View) -> torch.Tensor:
+        """Text-prompted mask of a view (the prompt annotators use most)."""
+        self.model.eval()
+        return self._logits(view, True, False, False) > 0
+
+    def mean_dice(self, views: list[View]) -> float:
+        if not views:
+            return math.nan
+        return float(np.mean([dice(self.predict(v).cpu(), v.target) for v in views]))
+
+    def replay_views(self, views: list[View], categories: list[str]) -> list[View]:
+        """For each image of ``views``, the current model's answer for other categories as targets."""
+        out = []
+        seen: set[tuple[str, int]] = set()
+        for v in views:
+            if (v.image, id(v.embedding)) in seen:
+                continue
+            seen.add((v.image, id(v.embedding)))
+            for name in categories:
+                ghost = View(v.embedding, torch.zeros_like(v.target), name, v.image)
+                pred = self.predict(ghost).float().cpu()
+                if pred.any():
+                    out.append(View(v.embedding, pred, name, v.image))
+        return out
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.state_dict().items() if n.startswith(TRAINABLE)}

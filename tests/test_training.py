@@ -173,3 +173,26 @@ def test_rounds_through_the_server_trigger_promote_serve_and_survive_a_kill(tmp_
         assert result["model_version"].endswith("+v0001")
     finally:
         srv.stop()
+
+
+def test_next_sample_prefers_the_least_certain_image(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.activelearning.uncertainty import Uncertainty
+    from lib.service import SegVolService
+    from lib.settings import AppSettings
+
+    write_phantoms(tmp_path / "studies", 4, labelled=False)
+    settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
+    service = SegVolService(settings)
+    service.load()
+    datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
+    strategy = Uncertainty(service)
+    pick = strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)
+    scores = pick["uncertainty"]
+    assert set(scores) == {f"phantom{i}" for i in range(4)} and pick["categories"] == ["liver"]
+    assert pick["id"] == max(scores, key=scores.get) and all(0 <= s <= 1 for s in scores.values())
+    assert len(set(scores.values())) == 4  # the images really differ
+    passes = service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]
+    assert strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)["id"] == pick["id"]
+    assert (service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]) == passes

@@ -89,6 +89,13 @@ class SegVolApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
 
+    def init_strategies(self) -> dict:
+        from monailabel.tasks.activelearning.random import Random
+
+        from lib.activelearning.uncertainty import Uncertainty
+
+        return {"uncertainty": Uncertainty(self.service), "random": Random()}
+
     def init_trainers(self) -> dict:
         return {"segvol": self.task_config.trainer()}
 

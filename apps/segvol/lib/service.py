@@ -61,7 +61,7 @@ class SegVolService:
         self._base_state: dict | None = None
         self.error: str | None = None
         self._ready = threading.Event()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one model run at a time
         self._cached: tuple[tuple, Volume] | None = None
         self._provenance: OrderedDict[str, dict[int, str]] = OrderedDict()  # image -> value -> mask digest
 
@@ -168,7 +168,7 @@ class SegVolService:
 
     def segment(self, volume: Volume, prompts: list[Prompt], zoom_in: bool | None = None) -> Segmentation:
         predictor = self.wait()
-        with self._lock:
+        with self.lock:
             self.sync_version()
             before = dict(predictor.timings)
             t0 = time.perf_counter()

@@ -20,10 +20,10 @@ USER, PASSWORD = "annotator", "s3cret"
 
 
 class Archive:
-    def __init__(self, folder):
+    def __init__(self, folder, port: int | None = None):
         if not shutil.which("Orthanc"):
             pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; scripts/setup.sh does)")
-        self.folder, self.port = folder, free_port()
+        self.folder, self.port = folder, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
         self.series = orthanc.load_samples(self.port, self.folder, USER, PASSWORD)

@@ -178,3 +178,26 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     assert len(segs) == before + 2  # the kept SEG went first, then the new one
     labels = [sorted(s.SegmentLabel for s in d.SegmentSequence) for d in segs[-2:]]
     assert sorted(labels) == [["esophagus", "trachea"], ["trachea"]]
+
+
+def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_path):
+    from server import free_port
+
+    port = free_port()
+    srv = Server(f"http://127.0.0.1:{port}/dicom-web", {"weights": "seeded", "model_config": "segvol-tiny"},
+                 tmp_path / "server.log", extra_env={"MONAI_LABEL_DICOMWEB_USERNAME": USER,
+                                                     "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+                                                     "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+    archive = None
+    try:
+        info = srv.wait_ready()
+        assert info["datastore"]["total"] == 0 and "does not answer" in info["datastore"]["error"]
+        r = requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30)
+        assert r.status_code == 503 and "does not answer" in r.json()["detail"]
+        archive = Archive(tmp_path / "orthanc", port=port)  # the archive comes up: no restart needed
+        info = requests.get(f"{srv.url}/info/", timeout=30).json()
+        assert info["datastore"]["total"] == 1 and "error" not in info["datastore"]
+    finally:
+        srv.stop()
+        if archive:
+            archive.stop()

@@ -184,10 +184,16 @@ def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_p
     from server import free_port
 
     port = free_port()
-    srv = Server(f"http://127.0.0.1:{port}/dicom-web", {"weights": "seeded", "model_config": "segvol-tiny"},
-                 tmp_path / "server.log", extra_env={"MONAI_LABEL_DICOMWEB_USERNAME": USER,
-                                                     "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-                                                     "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")})
+    srv = Server(
+        f"http://127.0.0.1:{port}/dicom-web",
+        {"weights": "seeded", "model_config": "segvol-tiny"},
+        tmp_path / "server.log",
+        extra_env={
+            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
+            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+        },
+    )
     archive = None
     try:
         info = srv.wait_ready()

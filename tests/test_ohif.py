@@ -162,36 +162,31 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     assert counts["counts"] == {segment: expected}
 
 
-def test_a_correction_made_in_the_page_reaches_the_archive(stack):
+def test_the_save_button_sends_the_pages_labelmap_to_the_archive(stack):
     """The bundled OHIF's monai-label mode has no save action and its own "Export DICOM SEG"
-    fails in this build (INFRA.md); the path that works is MONAI Label's label upload with the
-    page's raw labelmap (label.bin), sent here from the page itself after an edit."""
+    fails in this build (INFRA.md). The app adds a "Save label" button (apps/segvol/static/
+    save-label.js, served with OHIF's app-config.js) that uploads the page's labelmap; here the
+    annotator erases the top slices, then clicks it."""
     archive, srv, page = stack
-    series = archive.series["lung1"]
     before = len(archive.segs())
-    saved = page.evaluate(
-        """async ([url, series]) => {
+    voxels = page.evaluate(
+        """() => {
         const vm = window.services.segmentationService.getLabelmapVolume('1').voxelManager;
         const data = vm.getCompleteScalarDataArray();
-        const plane = 512 * 512;
-        for (let i = 40 * plane; i < data.length; i++) data[i] = 0;   // the annotator erases the top slices
+        for (let i = 40 * 512 * 512; i < data.length; i++) data[i] = 0;
         vm.setCompleteScalarDataArray(data);
-        const values = [...new Set(data)].filter(v => v).sort((a, b) => a - b);
-        const segs = window.services.segmentationService.getSegmentation('1').segments;
-        const label_info = values.map(v => ({name: segs[v].label}));
-        const form = new FormData();
-        form.append('params', JSON.stringify({label_info}));
-        form.append('label', new Blob([new Uint8Array(data.buffer, data.byteOffset, data.byteLength)]), 'label.bin');
-        const r = await fetch(`${url}/datastore/label?image=${series}&tag=final`, {method: 'PUT', body: form});
-        return {status: r.status, body: await r.text(), label_info, voxels: data.filter(v => v).length};
-    }""",
-        [srv.url, series],
+        return data.filter(v => v).length;
+    }"""
     )
-    assert saved["status"] == 200, saved["body"]
-    assert saved["label_info"] == [{"name": "right lung"}]
+    button = page.locator("#segvol-save-label")
+    with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as resp:
+        button.click()
+    assert resp.value.status == 200, resp.value.text()
+    page.get_by_text("Saved to the archive").wait_for(timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "5-saved.png"))
     segs = archive.segs()
     assert len(segs) == before + 1
     (segment,) = segs[-1].SegmentSequence
     assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
     frames = segs[-1].pixel_array  # (48, 512, 512): every slice, so frame k is slice k
-    assert int(frames.sum()) == saved["voxels"] and not frames[40:].any()
+    assert int(frames.sum()) == voxels and not frames[40:].any()

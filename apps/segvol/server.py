@@ -6,9 +6,11 @@ Run through MONAI Label's launcher: ``--uvicorn_app server:app`` (apps/segvol on
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import monailabel
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 
@@ -23,5 +25,17 @@ async def monailabel_error(request: Request, exc: MONAILabelException) -> JSONRe
     status = 400 if exc.error == MONAILabelError.INVALID_INPUT else 500
     return JSONResponse(status_code=status, content={"detail": exc.msg})
 
+
+OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
+SAVE_BUTTON = Path(__file__).parent / "static" / "save-label.js"
+
+
+@app.get("/ohif/app-config.js", include_in_schema=False)
+def ohif_config() -> Response:
+    """OHIF's configuration, plus the script that adds a "Save label" button to the monai-label mode."""
+    return Response(OHIF_CONFIG.read_text() + "\n" + SAVE_BUTTON.read_text(), media_type="application/javascript")
+
+
+app.router.routes.insert(0, app.router.routes.pop())  # ahead of MONAI Label's catch-all /ohif/{path}
 
 __all__ = ["app"]

@@ -79,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
     s.add_argument("--verify-sha256", action="store_true", help="check the weights against the official hash")
 
+    b = sub.add_parser(
+        "bench",
+        help="time each stage, fast path against the faithful one",
+        description="Times preprocessing, encoder windows, decoder, post-processing and writing for "
+        "a first prompt, further prompts on the same image and many categories in one call.",
+    )
+    b.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --config, seed 0)")
+    b.add_argument("--config", default="segvol-official", help="model config without --weights")
+    b.add_argument("--image", type=Path, help="a CT to use (default: a synthetic one of --shape)")
+    b.add_argument("--shape", nargs=3, type=int, default=[512, 512, 200], metavar=("I", "J", "K"))
+    b.add_argument("--categories", type=int, default=10, help="categories in the many-category scenario")
+    b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
+    b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
+    b.add_argument("--no-zoom-in", action="store_true")
+    b.add_argument("--device", default="auto")
+
     c = sub.add_parser("categories", help="list the categories SegVol was trained with")
     c.add_argument("--search", default="", help="only names or synonyms containing this text")
     c.add_argument("--json", action="store_true", help="print JSON")
@@ -142,6 +158,17 @@ def cmd_segment(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from segvol.bench import build_model, run, synthetic_ct
+    from segvol.io import read_volume
+
+    model, what = build_model(a.weights, a.config)
+    image = read_volume(a.image).array if a.image else synthetic_ct(tuple(a.shape))
+    log.info("bench with %s on %s", what, a.image or f"a synthetic CT of {tuple(a.shape)}")
+    print(run(model, image, a.device, a.categories, a.faithful, a.window_batch, not a.no_zoom_in))
+    return 0
+
+
 def cmd_categories(a: argparse.Namespace) -> int:
     from segvol.vocabulary import default_vocabulary
 
@@ -180,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     from segvol.errors import USER_ERRORS
 
     try:
-        return {"segment": cmd_segment, "categories": cmd_categories}[a.command](a)
+        return {"segment": cmd_segment, "categories": cmd_categories, "bench": cmd_bench}[a.command](a)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,8 +101,22 @@ def roi_from_mask(mask: torch.Tensor, window: tuple[int, int, int]) -> tuple[tup
     return tuple(roi)
 
 
+@dataclass
+class ImageCache:
+    """What is kept for one image: its preprocessing and every encoding computed so far."""
+
+    prepared: PreparedImage
+    zoom_out: torch.Tensor | None = None
+    windows: dict[WindowKey, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        tensors = [self.prepared.zoom_in, self.prepared.zoom_out, self.zoom_out, *self.windows.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class SegVolPredictor:
-    """SegVol on one image at a time, with its encodings cached."""
+    """SegVol on one image at a time, with the encodings of recently used images kept (LRU,
+    bounded by ``cache_mb``), so going back to an image costs no encoder pass either."""
 
     def __init__(
         self,
@@ -111,6 +125,7 @@ class SegVolPredictor:
         zoom_in: bool = True,
         overlap: float = 0.5,
         window_batch: int = 1,
+        cache_mb: float = 2048,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -118,7 +133,9 @@ class SegVolPredictor:
         self.zoom_in = zoom_in
         self.overlap = overlap
         self.window_batch = max(1, window_batch)
-        self.image: PreparedImage | None = None
+        self.cache_mb = cache_mb
+        self._cache: OrderedDict[str, ImageCache] = OrderedDict()
+        self._entry: ImageCache | None = None
         self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
         self.timings: dict[str, float] = defaultdict(float)
         self._text_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
@@ -130,23 +147,46 @@ class SegVolPredictor:
         t0 = time.perf_counter()
         check_volume(image_ijk)
         key = digest(image_ijk)
-        if self.image is not None and key == self.image.key:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self._entry = self._cache[key]
+            self._evict()
             return
-        self.reset_image()
-        self.image = prepare(image_ijk, self.size, key)
+        self._entry = self._cache[key] = ImageCache(prepare(image_ijk, self.size, key))
         self.timings["preprocess"] += time.perf_counter() - t0
         c = self.image.crop
         log.info("image %s: shape %s, crop %s..%s", key[:8], self.image.shape_ijk, c.start_ijk, c.stop_ijk)
+        self._evict()
+
+    @property
+    def image(self) -> PreparedImage | None:
+        return self._entry.prepared if self._entry else None
 
     def reset_image(self) -> None:
-        self.image = None
-        self._zoom_out_embedding: torch.Tensor | None = None
-        self._windows: dict[WindowKey, torch.Tensor] = {}
+        """Forget which image is current (its encodings stay cached until evicted)."""
+        self._entry = None
+
+    def clear_cache(self) -> None:
+        self._entry = None
+        self._cache.clear()
+
+    def cache_bytes(self) -> int:
+        return sum(e.nbytes() for e in self._cache.values())
+
+    def _evict(self) -> None:
+        """Drop least recently used images until the cache fits ``cache_mb`` (never the current one)."""
+        while self.cache_bytes() > self.cache_mb * 2**20 and len(self._cache) > 1:
+            key, entry = next(iter(self._cache.items()))
+            if entry is self._entry:
+                break
+            del self._cache[key]
+            self.stats["images_evicted"] += 1
+            log.info("cache: evicted image %s (%.0f MB kept)", key[:8], self.cache_bytes() / 2**20)
 
     def _require_image(self) -> PreparedImage:
-        if self.image is None:
+        if self._entry is None:
             raise RuntimeError("no image set: call set_image first")
-        return self.image
+        return self._entry.prepared
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()
@@ -164,9 +204,10 @@ class SegVolPredictor:
 
     def zoom_out_embedding(self) -> torch.Tensor:
         image = self._require_image()
-        if self._zoom_out_embedding is None:
-            (self._zoom_out_embedding,) = self._encode([image.zoom_out])
-        return self._zoom_out_embedding
+        if self._entry.zoom_out is None:
+            (self._entry.zoom_out,) = self._encode([image.zoom_out])
+            self._evict()
+        return self._entry.zoom_out
 
     @torch.no_grad()
     def text_embedding(self, name: str) -> tuple[torch.Tensor, list[int]]:
@@ -227,11 +268,14 @@ class SegVolPredictor:
 
     def window_embeddings(self, keys: list[WindowKey]) -> list[torch.Tensor]:
         """Embeddings of zoom-in windows, encoding (in batches) only those not cached yet."""
-        missing = list(dict.fromkeys(k for k in keys if k not in self._windows))
+        self._require_image()
+        windows = self._entry.windows
+        missing = list(dict.fromkeys(k for k in keys if k not in windows))
         if missing:
             for key, emb in zip(missing, self._encode([self._window_volume(k) for k in missing])):
-                self._windows[key] = emb
-        return [self._windows[k] for k in keys]
+                windows[key] = emb
+            self._evict()
+        return [windows[k] for k in keys]
 
     def _plan(self, prompt: Prompt, coarse: torch.Tensor, model_box) -> Plan | None:
         image = self._require_image()
@@ -311,7 +355,7 @@ class SegVolPredictor:
         count = torch.zeros(plan.padded, dtype=torch.float32, device=self.device)
         windows = []
         for win in plan.windows:
-            logits = self._decode(self._windows[win.key], text_emb, win.box, win.points, win.labels)
+            logits = self._decode(self._entry.windows[win.key], text_emb, win.box, win.points, win.labels)
             sl = tuple(slice(s, s + w) for s, w in zip(win.start, self.size))
             total[sl] += logits
             count[sl] += 1.0

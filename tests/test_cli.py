@@ -166,3 +166,14 @@ def test_categories_lists_and_searches():
 def test_help_explains_prompts_and_weights():
     out = run_cli("segment", "--help", check=True).stdout
     assert "voxel indices (i, j, k)" in out and "SegVol_v1.pth" in out and "--no-zoom-in" in out
+
+
+def test_bench_prints_its_table_and_the_paths_agree():
+    out = run_cli(
+        "bench", "--config", "segvol-tiny", "--shape", "96", "80", "24", "--categories", "3", "--faithful", check=True
+    ).stdout
+    for row in ("first text prompt", "further text prompt", "further click", "further box", "3 categories"):
+        assert row in out
+    diff = float(out.split("max |logit diff| ")[1].split(",")[0])
+    dice = float(out.split("mask Dice ")[1].split()[0])
+    assert diff <= 1e-3 and dice >= 0.999

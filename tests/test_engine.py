@@ -134,3 +134,22 @@ def test_set_image_of_the_same_content_keeps_the_encodings(predictor):
 def test_predict_without_image_is_an_error(tiny_model):
     with pytest.raises(RuntimeError, match="no image set"):
         SegVolPredictor(tiny_model, "cpu").predict([Prompt(text="liver")])
+
+
+def test_recent_images_stay_encoded_within_the_cache_budget(tiny_model):
+    p = SegVolPredictor(tiny_model, "cpu", cache_mb=1e9)
+    spy = EncoderSpy(p.model)
+    a, b = phantom((60, 40, 12), seed=1), phantom((60, 40, 12), seed=2)
+    shape = a.shape
+    for image in (a, b, a, b):
+        p.set_image(image)
+        p.predict([Prompt.make(shape, text="liver")], zoom_in=False)
+    assert spy.windows == 2  # one zoom-out encoding per image; going back costs none
+    one_image = p.cache_bytes() / 2
+    p.cache_mb = 1.5 * one_image / 2**20  # room for one image only
+    p.set_image(a)
+    p.predict([Prompt.make(shape, text="liver")], zoom_in=False)
+    assert p.stats["images_evicted"] == 1 and p.cache_bytes() <= p.cache_mb * 2**20
+    p.set_image(b)  # evicted: encoded again
+    p.predict([Prompt.make(shape, text="liver")], zoom_in=False)
+    assert spy.windows == 3

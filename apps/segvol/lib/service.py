@@ -82,7 +82,9 @@ class SegVolService:
             model = self._build()
             self.base_version = self.version
             self._base_state = trainable_state(model)
-            self.predictor = SegVolPredictor(model, self.settings.device, zoom_in=self.settings.zoom_in)
+            self.predictor = SegVolPredictor(
+                model, self.settings.device, zoom_in=self.settings.zoom_in, cache_mb=self.settings.cache_mb
+            )
             self.sync_version()
             log.info("SegVol %s ready on %s in %.1f s", self.version, self.predictor.device, time.perf_counter() - t0)
             if self.warning:

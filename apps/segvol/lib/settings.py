@@ -27,6 +27,7 @@ HELP = {
     "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
+    "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
     "versions_dir": "where fine-tuned decoder versions live (default <app>/model/versions)",
     "train_steps": "decoder optimiser steps per fine-tune round (400)",
     "train_lr": "learning rate of the decoder fine-tune (1e-4)",
@@ -58,6 +59,7 @@ class AppSettings:
     zoom_in: bool = True
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
+    cache_mb: float = 2048.0
     model_dir: Path = field(default=Path("model"))
     versions_dir: Path = field(default=Path("model/versions"))
     train_steps: int = 400

@@ -1,0 +1,165 @@
+"""``python -m segvol bench``: time every stage of SegVol inference, fast path against faithful.
+
+Scenarios on one volume: the first text prompt (preprocessing and every encoder pass), a further
+text prompt, a click and a box on the same image (decoder passes only where windows are cached),
+and N categories in one call. ``--faithful`` also runs the first prompt on the plain path (explicit
+attention, windows one at a time, a fresh predictor, as the official pipeline works) and
+checks that both paths agree within the golden tolerances, so every speed-up is a ratio measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segvol.engine import SegVolPredictor
+from segvol.model import CONFIGS, SegVol
+from segvol.prompts import Prompt
+from segvol.vocabulary import default_vocabulary
+
+STAGES = ("preprocess", "encode", "text", "decode", "post", "write")
+
+
+def synthetic_ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A CT-like volume in HU: air, a body ellipse, two brighter organs, noise."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij")
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[(i / 0.85) ** 2 + (j / 0.7) ** 2 < 1] = 40
+    ct[((i + 0.35) / 0.35) ** 2 + ((j + 0.1) / 0.3) ** 2 + (k / 0.8) ** 2 < 1] = 100
+    ct[((i - 0.45) / 0.15) ** 2 + ((j - 0.2) / 0.15) ** 2 + (k / 0.5) ** 2 < 1] = 130
+    ct += rng.normal(0, 15, shape).astype(np.float32)
+    return ct.astype(np.int16)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _warm_up(predictor: SegVolPredictor) -> None:
+    """One encoder and decoder pass on zeros, so no scenario pays the libraries' first-call set-up."""
+    size = predictor.size
+    with torch.no_grad():
+        emb = predictor.model.encode_image(torch.zeros((1, 1, *size), device=predictor.device))
+        predictor.model.decode(emb, predictor.model.encode_text(["liver"]))
+
+
+def _run(predictor: SegVolPredictor, image: np.ndarray, prompts: list[Prompt]) -> tuple[dict, list[np.ndarray]]:
+    before = dict(predictor.timings)
+    windows_before = predictor.stats["encoder_windows"]
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    targets = predictor.predict(prompts)
+    t1 = time.perf_counter()
+    masks = [predictor.mask_on_image(t) for t in targets]
+    logits = [predictor.logits_on_image(t) for t in targets]
+    t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(masks[0], np.eye(4)), str(Path(tmp) / "mask.nii.gz"))
+    t3 = time.perf_counter()
+    row = {k: predictor.timings.get(k, 0.0) - before.get(k, 0.0) for k in ("preprocess", "encode", "text", "decode")}
+    row.update(
+        post=t2 - t1, write=t3 - t2, total=t3 - t0, encoder_windows=predictor.stats["encoder_windows"] - windows_before
+    )
+    return row, logits
+
+
+def run(
+    model: SegVol,
+    image: np.ndarray,
+    device: str = "auto",
+    categories: int = 10,
+    faithful: bool = False,
+    window_batch: int = 4,
+    zoom_in: bool = True,
+) -> str:
+    """Run the scenarios and return the table as text."""
+    vocab = default_vocabulary()
+    shape = image.shape
+    names = [
+        "liver",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "aorta",
+        "pancreas",
+        "stomach",
+        "gallbladder",
+        "inferior vena cava",
+        "esophagus",
+        "urinary bladder",
+        "duodenum",
+    ]
+    names = [vocab.resolve(n).name for n in names][:categories]
+    centre = [s // 2 for s in shape]
+    box = [s // 4 for s in shape] + [3 * s // 4 for s in shape]
+    scenarios = [
+        ("first text prompt", [Prompt.make(shape, text="liver")]),
+        ("further text prompt", [Prompt.make(shape, text="spleen")]),
+        ("further click", [Prompt.make(shape, points=[centre], point_labels=[1])]),
+        ("further box", [Prompt.make(shape, box=box)]),
+        (f"{len(names)} categories, one call", [Prompt.make(shape, text=n) for n in names]),
+    ]
+    rows = []
+    fast = SegVolPredictor(model, device, zoom_in=zoom_in, window_batch=window_batch)
+    model.image_encoder.set_fused_attention(True)
+    _warm_up(fast)
+    first_logits = None
+    for label, prompts in scenarios:
+        row, logits = _run(fast, image, prompts)
+        first_logits = first_logits if first_logits is not None else logits[0]
+        rows.append(("fast", label, row))
+    check = ""
+    if faithful:
+        model.image_encoder.set_fused_attention(False)
+        _warm_up(fast)
+        for label, prompts in scenarios[:1]:
+            plain = SegVolPredictor(model, device, zoom_in=zoom_in, window_batch=1)
+            row, logits = _run(plain, image, prompts)
+            rows.append(("faithful", label, row))
+            if label == "first text prompt":
+                seen = first_logits > -1000
+                diff = float(np.abs(logits[0][seen] - first_logits[seen]).max())
+                a, b = logits[0] > 0, first_logits > 0
+                dice = 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+                check = f"fast vs faithful, first prompt: max |logit diff| {diff:.2e}, mask Dice {dice:.6f}"
+        model.image_encoder.set_fused_attention(True)
+    dev = fast.device
+    header = f"{'path':9} {'scenario':28} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'total s':>9} {'enc.win':>7}"
+    lines = [f"SegVol bench: image {shape}, device {dev}, window batch {window_batch}, zoom-in {zoom_in}", header]
+    for path, label, row in rows:
+        lines.append(
+            f"{path:9} {label:28} "
+            + " ".join(f"{row[s]:10.3f}" for s in STAGES)
+            + f" {row['total']:9.3f} {row['encoder_windows']:7d}"
+        )
+    by = {(p, label): r["total"] for p, label, r in rows}
+    first = by[("fast", "first text prompt")]
+    lines.append(f"further text prompt is {first / by[('fast', 'further text prompt')]:.1f}x faster than the first")
+    if faithful:
+        lines.append(
+            f"first prompt: faithful {by[('faithful', 'first text prompt')]:.2f} s / fast {first:.2f} s = "
+            f"{by[('faithful', 'first text prompt')] / first:.2f}x"
+        )
+        lines.append(check)
+    lines.append(f"peak memory: {_peak_mb(dev):.0f} MB ({'CUDA allocated' if dev.type == 'cuda' else 'process RSS'})")
+    return "\n".join(lines)
+
+
+def build_model(weights: str | None, config: str) -> tuple[SegVol, str]:
+    if weights:
+        from segvol.weights import load_segvol
+
+        return load_segvol(weights), str(weights)
+    torch.manual_seed(0)
+    return SegVol(CONFIGS[config]).eval(), f"random {config} weights (seed 0)"

@@ -48,3 +48,19 @@ class Archive:
         ).json()
         segs = [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
         return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
+
+
+def dicomweb_server(url: str, work, **conf: str):
+    """A MONAI Label server (seeded tiny model) on the DICOMweb archive at ``url``, with its basic auth."""
+    from server import Server
+
+    return Server(
+        f"{url}/dicom-web",
+        {"weights": "seeded", "model_config": "segvol-tiny", **conf},
+        work / "server.log",
+        extra_env={
+            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
+            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
+        },
+    )

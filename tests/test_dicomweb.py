@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from archive import PASSWORD, USER, Archive
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+from archive import Archive, dicomweb_server
 from conftest import ROOT
-from server import Server
 
 pytestmark = pytest.mark.dicomweb
 RIGHT_LUNG = 84
@@ -31,16 +30,7 @@ def archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory):
     work = tmp_path_factory.mktemp("monailabel")
-    srv = Server(
-        f"{archive.url}/dicom-web",
-        {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"},
-        work / "server.log",
-        extra_env={
-            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
-            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
-        },
-    )
+    srv = dicomweb_server(archive.url, work, zoom_in="false")
     try:
         srv.info = srv.wait_ready()
         yield srv
@@ -184,16 +174,7 @@ def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_p
     from server import free_port
 
     port = free_port()
-    srv = Server(
-        f"http://127.0.0.1:{port}/dicom-web",
-        {"weights": "seeded", "model_config": "segvol-tiny"},
-        tmp_path / "server.log",
-        extra_env={
-            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
-            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
-        },
-    )
+    srv = dicomweb_server(f"http://127.0.0.1:{port}", tmp_path)
     archive = None
     try:
         info = srv.wait_ready()

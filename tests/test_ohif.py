@@ -15,10 +15,9 @@ import nrrd
 import numpy as np
 import pytest
 import requests
-from archive import PASSWORD, USER, Archive
 
+from archive import Archive, dicomweb_server
 from conftest import ROOT
-from server import Server
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "ohif"
@@ -49,16 +48,7 @@ def stack(tmp_path_factory):
         pytest.fail("Debian's chromium is not installed (SEGVOL_BROWSER=1 bash scripts/setup.sh installs it)")
     work = tmp_path_factory.mktemp("ohif")
     archive = Archive(work / "orthanc")
-    srv = Server(
-        f"{archive.url}/dicom-web",
-        {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"},
-        work / "server.log",
-        extra_env={
-            "MONAI_LABEL_DICOMWEB_USERNAME": USER,
-            "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
-        },
-    )
+    srv = dicomweb_server(archive.url, work, zoom_in="false")
     try:
         srv.info = srv.wait_ready()
         from playwright.sync_api import sync_playwright

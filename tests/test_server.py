@@ -18,6 +18,7 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import ROOT, phantom
+from lib.settings import DEFAULT_AUTO_LABELS
 from segvol.io import LPS_RAS
 from server import Server
 
@@ -156,18 +157,7 @@ def test_ohif_auto_segmentation_runs_the_configured_set(server):
     every = sorted((v for k, v in labels.items() if k not in excluded), key=str)
     meta = _ohif(server, "segvol", "abdo", {"label_prompt": every, **OHIF_KEYS}, output="json").json()
     names = [p["name"] for p in meta["prompts"]]
-    assert names == [
-        "liver",
-        "spleen",
-        "right kidney",
-        "left kidney",
-        "gallbladder",
-        "stomach",
-        "pancreas",
-        "aorta",
-        "inferior vena cava",
-        "esophagus",
-    ]
+    assert names == list(DEFAULT_AUTO_LABELS)
     assert all(meta["label_names"][n] == labels[n] for n in names)
 
 

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import monailabel
-from fastapi import Request
+from fastapi import HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -18,6 +19,17 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 @app.exception_handler(json.JSONDecodeError)
 async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
+
+
+# MONAI Label answers these client mistakes with HTTP 500
+CLIENT_MISTAKES = ("Neither Image nor File", "DICOM SEG format is not supported in a non-DICOM datastore")
+
+
+@app.exception_handler(HTTPException)
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 500 and str(exc.detail).startswith(CLIENT_MISTAKES):
+        exc = HTTPException(status_code=400, detail=f"{exc.detail} (give ?image=<an id from /datastore/>)")
+    return await http_exception_handler(request, exc)
 
 
 @app.exception_handler(MONAILabelException)

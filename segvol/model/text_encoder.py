@@ -29,7 +29,13 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, names: list[str]) -> dict[str, torch.Tensor]:
         texts = [PROMPT_TEMPLATE.format(n) for n in names]
-        return dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
+        tokens = dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
+        limit = self.clip_text_model.config.max_position_embeddings
+        if tokens["input_ids"].shape[1] > limit:
+            from segvol.prompts import PromptError
+
+            raise PromptError(f"text prompt too long for CLIP ({tokens['input_ids'].shape[1]} tokens, at most {limit})")
+        return tokens
 
     def forward(self, names: list[str]) -> torch.Tensor:
         device = self.dim_align.weight.device

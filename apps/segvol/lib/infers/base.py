@@ -55,6 +55,8 @@ class SegVolInferTask(InferTask):
             seg = self.service.segment(volume, [t.prompt for t in targets], out.zoom_in)
         except ServiceUnavailable as e:
             raise HTTPException(status_code=503, detail=str(e)) from e
+        except PromptError as e:  # found by the model's own checks (a text CLIP cannot take)
+            raise HTTPException(status_code=400, detail=str(e)) from e
         labelmap = combine(seg.masks, seg.logits, [t.value for t in targets])
         self.service.remember(request["image"], labelmap, [t.value for t in targets])
         with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:

@@ -1,0 +1,184 @@
+"""Malformed and hostile requests against a real server: each gets a 4xx with a message, the
+server keeps serving, and nothing outside the datastore is read or written."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from conftest import phantom
+from server import Server
+
+pytestmark = pytest.mark.server
+SHAPE = (48, 40, 12)
+
+
+def _bodies() -> list:
+    """params bodies that must all be refused (for the segvol task and the others)."""
+    big, nan = 10**12, float("nan")
+    bad_points = [
+        [[1, 2]],
+        [[1, 2, 3, 4]],
+        [["a", 2, 3]],
+        [[1.5, 2, 3]],
+        [[nan, 2, 3]],
+        [[-1, 0, 0]],
+        [[big, 0, 0]],
+        [[0, 0, SHAPE[2]]],
+        "1,2,3",
+        {"i": 1},
+        [[None, 1, 2]],
+        [[True, 1, 2]],
+        [1, 2, 3],
+    ]
+    bad_boxes = [
+        [0, 0, 0],
+        [5, 5, 5, 1, 1, 1],
+        [0, 0, 0, big, 1, 1],
+        [-3, 0, 0, 1, 1, 1],
+        "0,0,0,1,1,1",
+        [0, 0, 0, 1, 1, nan],
+        [0, 0, 0, 1, 1, "x"],
+        {"box": 1},
+    ]
+    bad_labels = [[999], [0], [-1], ["liver"], [1.5], [nan], [True], 5, "1", [[1]], [224], [10**9]]
+    bodies = [{"points": p, "label_prompt": [1]} for p in bad_points]
+    bodies += [{"box": b, "texts": "liver"} for b in bad_boxes]
+    bodies += [{"label_prompt": lab} for lab in bad_labels]
+    bodies += [
+        {"points": [[1, 2, 3]], "point_labels": labels, "label_prompt": [1]}
+        for labels in ([2], [-1], ["yes"], [1, 0], [nan], "1")
+    ]
+    bodies += [{"texts": t} for t in ("", " , ", ["liver", ""], [1, 2], {"a": 1}, "x" * 5000, ["liver"] * 40 + [""])]
+    bodies += [{"texts": "liver", "result_extension": e} for e in (".exe", "../x.nrrd", ".png", 5)]
+    bodies += [{"texts": "liver", "result_dtype": d} for d in ("float64", "int16", 1)]
+    bodies += [{"texts": "liver", "zoom_in": z} for z in ("yes", 1, [True])]
+    bodies += [{}, {"points": []}, {"texts": None}, {"box": []}]
+    return bodies
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    studies = tmp_path_factory.mktemp("studies")
+    nib.save(nib.Nifti1Image(phantom(SHAPE), np.eye(4)), str(studies / "ct.nii.gz"))
+    srv = Server(
+        studies, {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"}, studies.parent / "server.log"
+    )
+    try:
+        srv.wait_ready()
+        srv.studies = studies
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_hundred_bad_requests_get_4xx_and_the_server_stays_up(server, tmp_path):
+    url = server.url
+    before = _snapshot(server.studies)
+    tried = []
+
+    def check(r: requests.Response, what: str):
+        tried.append(what)
+        assert 400 <= r.status_code < 500, f"{what}: {r.status_code} {r.text[:300]}"
+        detail = r.json().get("detail")
+        assert detail, f"{what}: no message"
+        assert "root:x:" not in r.text
+
+    for task in ("segvol", "segvol_segmentation", "segvol_deepgrow"):
+        for body in _bodies():
+            payload = json.dumps(body, allow_nan=True)
+            r = requests.post(
+                f"{url}/infer/{task}",
+                params={"image": "ct", "output": "json"},
+                files={"params": (None, payload)},
+                timeout=120,
+            )
+            check(r, f"{task} {payload[:80]}")
+    for raw in ("{", "[1,2", "nul", "'x'", '{"texts": "liver"', "\x00\x01", "{" * 500):
+        r = requests.post(f"{url}/infer/segvol", params={"image": "ct"}, files={"params": (None, raw)}, timeout=60)
+        check(r, f"malformed {raw[:20]!r}")
+    for image in (
+        "../../etc/passwd",
+        "/etc/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "ct/../../x",
+        "",
+        "x" * 3000,
+        "ct.nii.gz",
+        "CT",
+        "\\..\\x",
+    ):
+        r = requests.post(
+            f"{url}/infer/segvol",
+            params={"image": image, "output": "json"},
+            files={"params": (None, '{"label_prompt": [1]}')},
+            timeout=60,
+        )
+        check(r, f"image {image[:30]!r}")
+    for model in ("nomodel", "../segvol", "segvol%00", "SEGVOL"):
+        r = requests.post(f"{url}/infer/{model}", params={"image": "ct"}, files={"params": (None, "{}")}, timeout=60)
+        check(r, f"model {model!r}")
+    ok_label = np.zeros(SHAPE, np.uint8)
+    for tag, content, name, info in (
+        ("final", b"not a volume", "label.nii.gz", "{}"),
+        ("final", b"", "label.nii.gz", "{}"),
+        ("final", b"\x00" * 10, "label.bin", "{}"),
+        ("../../escape", None, "label.nii.gz", "{}"),
+        ("fin al", None, "label.nii.gz", "{}"),
+        ("final", None, "label.nii.gz", '{"label_info": "liver"}'),
+        ("final", None, "label.nii.gz", '{"label_info": [{"idx": 1}]}'),
+    ):
+        if content is None:
+            label = io.BytesIO()
+            img = nib.Nifti1Image(ok_label, np.eye(4))
+            label.write(img.to_bytes())
+            content = label.getvalue()
+        r = requests.put(
+            f"{url}/datastore/label",
+            params={"image": "ct", "tag": tag},
+            files={"label": (name, content), "params": (None, info)},
+            timeout=60,
+        )
+        check(r, f"label upload tag={tag!r} {name} {len(content)} B")
+    r = requests.put(
+        f"{url}/datastore/label",
+        params={"image": "../../etc/passwd", "tag": "final"},
+        files={"label": ("label.nii.gz", content), "params": (None, "{}")},
+        timeout=60,
+    )
+    check(r, "label upload for a path-like image")
+    r = requests.post(
+        f"{url}/infer/segvol", params={"image": "ct", "output": "bogus"}, files={"params": (None, "{}")}, timeout=60
+    )
+    check(r, "bad output type")
+    r = requests.post(
+        f"{url}/infer/segvol",
+        params={"image": "ct"},
+        data=b"\x89PNG junk",
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    )
+    check(r, "wrong content type")
+
+    assert len(tried) >= 100, len(tried)
+    good = requests.post(
+        f"{url}/infer/segvol",
+        params={"image": "ct", "output": "json"},
+        files={"params": (None, '{"label_prompt": [1]}')},
+        timeout=120,
+    )
+    assert good.status_code == 200 and good.json()["label_names"] == {"liver": 1}
+    after = _snapshot(server.studies)
+    changed = {p for p in set(after) | set(before) if after.get(p) != before.get(p)}
+    assert changed <= {Path("datastore_v2.json"), Path(".lock")}, sorted(changed)  # no label, no escaped file
+    print(f"{len(tried)} bad requests, all 4xx with a message; the server kept serving")

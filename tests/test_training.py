@@ -196,3 +196,37 @@ def test_next_sample_prefers_the_least_certain_image(tmp_path):
     passes = service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]
     assert strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)["id"] == pick["id"]
     assert (service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]) == passes
+
+
+def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):
+    """The write runs in a process whose file-size limit (RLIMIT_FSIZE) is below the version's size:
+    the kernel refuses the write as a full disk would."""
+    import subprocess
+
+    from lib.versions import VersionStore
+
+    store = VersionStore(tmp_path / "versions")
+    store.write({"mask_decoder.x": torch.zeros(4)}, {"note": "small, fits"})
+    store.activate("v0001", "test")
+    code = """
+import resource, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from lib.versions import VersionError, VersionStore
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    VersionStore(sys.argv[2]).write({"mask_decoder.w": torch.zeros(1_000_000)}, {"note": "too big"})
+except VersionError as e:
+    print("refused:", e)
+    sys.exit(3)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent / "apps" / "segvol"), str(store.root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3 and "refused" in proc.stdout, proc.stdout + proc.stderr
+    assert store.names() == ["v0001"] and store.active() == "v0001"
+    assert not list(store.root.glob(".v*"))  # no half-written version left
+    assert torch.equal(store.load("v0001")["mask_decoder.x"], torch.zeros(4))

@@ -72,8 +72,10 @@ class VersionStore:
             meta = dict(meta, name=name, sha256=_sha256(weights), written=time.strftime("%Y-%m-%dT%H:%M:%S"))
             _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
             os.rename(tmp, self.root / name)
-        except BaseException:
+        except BaseException as e:  # a full disk, a kill: leave no half-written version behind
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception):
+                raise VersionError(f"could not write version {name} in {self.root}: {e}") from e
             raise
         return name
 

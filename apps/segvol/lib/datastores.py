@@ -9,18 +9,19 @@ start-up, so no label is lost.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
+from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
@@ -33,13 +34,11 @@ log = logging.getLogger(__name__)
 RETRIES = 3
 
 
-def _write_nifti_like(image_path: str, label: np.ndarray) -> str:
+def _write_nifti_like(image_path: str, label: np.ndarray, path: str) -> str:
     ref = nib.load(image_path)
     img = nib.Nifti1Image(label, ref.affine, header=ref.header.copy())
     img.header.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
-    fd, path = tempfile.mkstemp(suffix=".nii.gz")
-    os.close(fd)
     nib.save(img, path)
     return path
 
@@ -70,6 +69,41 @@ class SegVolLabels:
         info["model_version"] = self.service.version
         return image_path, label, parts, info
 
+    def _store_label(self, image_id: str, image_path: str, label: np.ndarray, tag: str, info: dict) -> str:
+        """Write the label file and the datastore index so that a kill at any moment leaves either
+        the old or the new label, never half of one (temporary file + os.replace)."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
+        label_dir = self._datastore.label_path(tag)
+        os.makedirs(label_dir, exist_ok=True)
+        name = self._filename(image_id, ".nii.gz")
+        tmp = _write_nifti_like(image_path, label, os.path.join(label_dir, f".{name}.{os.getpid()}.partial.nii.gz"))
+        with FileLock(self._lock_file):
+            os.replace(tmp, os.path.join(label_dir, name))
+            obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=".nii.gz")
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """The datastore index, replaced atomically (MONAI Label rewrites it in place)."""
+
+        def write() -> None:
+            self._ignore_event_config = True
+            tmp = f"{self._datastore_config_path}.{os.getpid()}.partial"
+            with open(tmp, "w") as f:
+                f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._datastore_config_path)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
 
 class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
     def __init__(self, service, *args, **kwargs) -> None:
@@ -78,11 +112,7 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         image_path, label, _, info = self._prepare_label(image_id, label_filename, label_tag, label_info)
-        tmp = _write_nifti_like(image_path, label)
-        try:
-            return super().save_label(image_id, tmp, label_tag, info)
-        finally:
-            os.unlink(tmp)
+        return self._store_label(image_id, image_path, label, label_tag, info)
 
 
 class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
@@ -144,11 +174,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         image_path, label, parts, info = self._prepare_label(image_id, label_filename, label_tag, label_info)
         if label_tag == DefaultLabelTag.FINAL:
             info.update(self._store_seg(image_id, label, parts, info))
-        tmp = _write_nifti_like(image_path, label)
-        try:
-            return LocalDatastore.save_label(self, image_id, tmp, label_tag, info)
-        finally:
-            os.unlink(tmp)
+        return self._store_label(image_id, image_path, label, label_tag, info)
 
     def _store_seg(self, image_id: str, label: np.ndarray, parts: list[LabelPart], info: dict) -> dict:
         series_dir = Path(self._datastore.image_path()) / image_id
@@ -194,7 +220,5 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         reference = sitk.ReadImage(image_path)
         seg_file = next(label_dir.glob("*"))
         label = read_seg(seg_file, reference, self.service.vocabulary)
-        tmp = _write_nifti_like(image_path, label)
-        LocalDatastore.save_label(self, image_id, tmp, label_tag, self._dicom_info(label_id))
-        os.unlink(tmp)
+        self._store_label(image_id, image_path, label, label_tag, self._dicom_info(label_id))
         return str(cached)

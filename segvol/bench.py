@@ -82,6 +82,7 @@ def run(
     faithful: bool = False,
     window_batch: int = 4,
     zoom_in: bool = True,
+    precision: str = "fp32",
 ) -> str:
     """Run the scenarios and return the table as text."""
     vocab = default_vocabulary()
@@ -111,7 +112,7 @@ def run(
         (f"{len(names)} categories, one call", [Prompt.make(shape, text=n) for n in names]),
     ]
     rows = []
-    fast = SegVolPredictor(model, device, zoom_in=zoom_in, window_batch=window_batch)
+    fast = SegVolPredictor(model, device, zoom_in=zoom_in, window_batch=window_batch, precision=precision)
     model.image_encoder.set_fused_attention(True)
     _warm_up(fast)
     first_logits = None
@@ -136,7 +137,11 @@ def run(
         model.image_encoder.set_fused_attention(True)
     dev = fast.device
     header = f"{'path':9} {'scenario':28} " + " ".join(f"{s:>10}" for s in STAGES) + f" {'total s':>9} {'enc.win':>7}"
-    lines = [f"SegVol bench: image {shape}, device {dev}, window batch {window_batch}, zoom-in {zoom_in}", header]
+    lines = [
+        f"SegVol bench: image {shape}, device {dev}, window batch {window_batch}, zoom-in {zoom_in}, "
+        f"precision {precision}",
+        header,
+    ]
     for path, label, row in rows:
         lines.append(
             f"{path:9} {label:28} "

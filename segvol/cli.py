@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--logits", type=Path, help="also write float32 logits of the first target (-1000 where unseen)")
     s.add_argument("--report", type=Path, help="write a JSON record: crop, model-space prompts, ROI, windows, timings")
     s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    s.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="fp32 (faithful, default); bf16/fp16 are faster approximations (see README)",
+    )
     s.add_argument("--verify-sha256", action="store_true", help="check the weights against the official hash")
 
     b = sub.add_parser(
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
     b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
     b.add_argument("--no-zoom-in", action="store_true")
+    b.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="for the fast path")
     b.add_argument("--device", default="auto")
 
     c = sub.add_parser("categories", help="list the categories SegVol was trained with")
@@ -120,7 +127,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     prompts = [Prompt.make(shape, t.name if t else None, points, labels, a.box) for t in (texts or [None])]
     weights = find_or_download(a.weights, DEFAULT_CACHE)
     model = load_segvol(weights, verify=a.verify_sha256)
-    predictor = SegVolPredictor(model, a.device, zoom_in=not a.no_zoom_in)
+    predictor = SegVolPredictor(model, a.device, zoom_in=not a.no_zoom_in, precision=a.precision)
     log.info("loaded %s on %s in %.1f s", weights, predictor.device, time.perf_counter() - t0)
     predictor.set_image(volume.array)
     targets = predictor.predict(prompts)
@@ -165,7 +172,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     model, what = build_model(a.weights, a.config)
     image = read_volume(a.image).array if a.image else synthetic_ct(tuple(a.shape))
     log.info("bench with %s on %s", what, a.image or f"a synthetic CT of {tuple(a.shape)}")
-    print(run(model, image, a.device, a.categories, a.faithful, a.window_batch, not a.no_zoom_in))
+    print(run(model, image, a.device, a.categories, a.faithful, a.window_batch, not a.no_zoom_in, a.precision))
     return 0
 
 

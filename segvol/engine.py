@@ -33,6 +33,8 @@ from segvol.prompts import (
 log = logging.getLogger(__name__)
 
 WindowKey = tuple[tuple[int, int, int], ...]
+# fp32 is the faithful default; bf16 / fp16 are opt-in approximations (their measured effect is in README)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -126,6 +128,7 @@ class SegVolPredictor:
         overlap: float = 0.5,
         window_batch: int = 1,
         cache_mb: float = 2048,
+        precision: str = "fp32",
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -134,6 +137,9 @@ class SegVolPredictor:
         self.overlap = overlap
         self.window_batch = max(1, window_batch)
         self.cache_mb = cache_mb
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.precision = precision
         self._cache: OrderedDict[str, ImageCache] = OrderedDict()
         self._entry: ImageCache | None = None
         self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
@@ -195,7 +201,8 @@ class SegVolPredictor:
         t0 = time.perf_counter()
         for i in range(0, len(volumes), self.window_batch):
             batch = torch.stack(volumes[i : i + self.window_batch])[:, None].to(self.device)
-            emb = self.model.encode_image(batch)
+            with self._autocast():
+                emb = self.model.encode_image(batch).float()
             out.extend(emb[j : j + 1] for j in range(emb.shape[0]))
             self.stats["encoder_windows"] += batch.shape[0]
         self._sync()
@@ -229,11 +236,16 @@ class SegVolPredictor:
                 torch.tensor([points], dtype=torch.float32, device=self.device),
                 torch.tensor([labels], dtype=torch.float32, device=self.device),
             )
-        logits = self.model.decode(embedding, text_emb, boxes, pts)
+        with self._autocast():
+            logits = self.model.decode(embedding, text_emb, boxes, pts).float()
         self.stats["decoder_passes"] += 1
         self._sync()
         self.timings["decode"] += time.perf_counter() - t0
         return logits[0, 0]
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -153,3 +153,18 @@ def test_recent_images_stay_encoded_within_the_cache_budget(tiny_model):
     p.set_image(b)  # evicted: encoded again
     p.predict([Prompt.make(shape, text="liver")], zoom_in=False)
     assert spy.windows == 3
+
+
+def test_bf16_is_an_opt_in_approximation(tiny_model):
+    shape = (60, 40, 12)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        p = SegVolPredictor(tiny_model, "cpu", precision=precision)
+        p.set_image(phantom(shape))
+        (t,) = p.predict([Prompt.make(shape, text="liver")])
+        results[precision] = t.logits
+    assert results["bf16"].dtype == torch.float32
+    diff = (results["bf16"] - results["fp32"]).abs()
+    assert 0 < float(diff.max()) < 5  # close, but not the faithful numbers: hence opt-in
+    with pytest.raises(ValueError, match="precision 'int8'"):
+        SegVolPredictor(tiny_model, "cpu", precision="int8")

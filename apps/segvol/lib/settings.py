@@ -25,6 +25,7 @@ HELP = {
     "model_config": "segvol-official (default) or segvol-tiny (small test config, only with weights=seeded)",
     "device": "auto (CUDA where present), cpu or cuda[:N]",
     "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
+    "precision": "fp32 (default, faithful); bf16 or fp16: faster, approximate (effect measured in README)",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
@@ -51,12 +52,20 @@ def _bool(conf: dict, key: str, default: bool) -> bool:
     raise ConfError(f"--conf {key} {conf[key]!r}: expected true or false")
 
 
+def _choice(conf: dict, key: str, options: tuple[str, ...]) -> str:
+    value = str(conf.get(key, options[0]))
+    if value not in options:
+        raise ConfError(f"--conf {key} {value!r}: expected one of {', '.join(options)}")
+    return value
+
+
 @dataclass(frozen=True)
 class AppSettings:
     weights: str = "hub"
     model_config: str = "segvol-official"
     device: str = "auto"
     zoom_in: bool = True
+    precision: str = "fp32"
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
     cache_mb: float = 2048.0
@@ -102,6 +111,7 @@ class AppSettings:
             model_config=model_config,
             device=conf.get("device", "auto"),
             zoom_in=_bool(conf, "zoom_in", True),
+            precision=_choice(conf, "precision", ("fp32", "bf16", "fp16")),
             auto_labels=labels,
             model_dir=model_dir,
             versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),

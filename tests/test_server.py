@@ -265,3 +265,18 @@ def test_a_checkpoint_path_is_served(tiny_weights, tmp_path):
         assert r.status_code == 200 and "warning" not in r.json()
     finally:
         srv.stop()
+
+
+def test_an_image_with_nans_is_a_400(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    ct = phantom().astype(np.float32)
+    ct[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(studies / "nan.nii.gz"))
+    srv = Server(studies, {"weights": "seeded", "model_config": "segvol-tiny"}, tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        r = _ohif(srv, "segvol", "nan", {"label_prompt": [LIVER]}, output="json")
+        assert r.status_code == 400 and "NaN" in r.json()["detail"]
+    finally:
+        srv.stop()

@@ -14,7 +14,7 @@ from lib.params import PromptBuilder, Target, output_options
 from lib.service import SegVolService, ServiceUnavailable
 from segvol.io import ImageReadError, write_like
 from segvol.labelmap import combine
-from segvol.preprocess import ImageError, check_volume
+from segvol.preprocess import ImageError
 from segvol.prompts import PromptError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ class SegVolInferTask(InferTask):
         try:
             out = output_options(request)
             volume = self.service.read(request["image"])
-            check_volume(volume.array)
             targets = self.targets(request, PromptBuilder(self.service.vocabulary, volume.array.shape))
         except (PromptError, ImageError, ImageReadError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
@@ -55,7 +54,7 @@ class SegVolInferTask(InferTask):
             seg = self.service.segment(volume, [t.prompt for t in targets], out.zoom_in)
         except ServiceUnavailable as e:
             raise HTTPException(status_code=503, detail=str(e)) from e
-        except PromptError as e:  # found by the model's own checks (a text CLIP cannot take)
+        except (PromptError, ImageError) as e:  # the engine's own checks: a text CLIP cannot take, NaNs, ...
             raise HTTPException(status_code=400, detail=str(e)) from e
         labelmap = combine(seg.masks, seg.logits, [t.value for t in targets])
         self.service.remember(request["image"], labelmap, [t.value for t in targets])

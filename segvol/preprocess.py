@@ -9,6 +9,7 @@ model's spatial size with nearest-exact sampling.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,50 +64,95 @@ def check_volume(array: np.ndarray) -> None:
 
 
 def digest(array: np.ndarray) -> str:
-    """Content key of an image (shape, dtype and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    """Content key of an image (shape, dtype and bytes). SHA-256 because CPUs hash it in
+    hardware: about 60 ms for a 512x512x200 int16 CT, half of BLAKE2's time."""
+    h = hashlib.sha256()
     h.update(str((array.shape, array.dtype.str)).encode())
     h.update(np.ascontiguousarray(array).data)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def foreground_normalise(ct: np.ndarray) -> np.ndarray:
     """Clip to the 0.05-99.95 percentiles of the voxels above the mean, then z-score with
     their mean and std (float32, numpy's own reductions, as the official code)."""
-    flat = ct.flatten()
+    ct = np.asarray(ct, dtype=np.float32)
+    flat = ct.ravel()
     above = flat[flat > np.mean(flat)]
     if above.size == 0:
         raise ImageError("the image is constant: no voxel lies above its mean")
-    upper = np.percentile(above, 99.95)
-    lower = np.percentile(above, 00.05)
+    lower, upper = np.percentile(above, [00.05, 99.95])  # one partition for both, same values
     mean = np.mean(above)
     std = np.std(above)
-    return (np.clip(ct, lower, upper) - mean) / max(std, 1e-8)
+    out = np.clip(ct, lower, upper)
+    out -= mean
+    out /= max(std, 1e-8)
+    return out
 
 
-def foreground_crop(volume: np.ndarray) -> Crop:
-    """Bounding box of the voxels > 0, no margin."""
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """numpy's default (linear) percentile, from the two order statistics around q."""
+    n = values.numel()
+    pos = q / 100 * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    a, b = (torch.kthvalue(values, r + 1).values for r in (lo, hi))
+    return a + (b - a) * (pos - lo)
+
+
+def foreground_normalise_torch(ct: torch.Tensor) -> torch.Tensor:
+    """``foreground_normalise`` in torch, for a GPU: the same statistics, equal to float noise
+    (numpy is faster on a CPU, so the CPU path keeps it)."""
+    flat = ct.flatten()
+    above = flat[flat > flat.mean()]
+    if above.numel() == 0:
+        raise ImageError("the image is constant: no voxel lies above its mean")
+    lower, upper = percentile(above, 0.05), percentile(above, 99.95)
+    return (ct.clamp(lower, upper) - above.mean()) / above.std(correction=0).clamp_min(1e-8)
+
+
+def foreground_box(volume: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bounding box (start, exclusive stop) of the voxels > 0, no margin."""
     fg = volume > 0
-    nz = [np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(n.size == 0 for n in nz):
+    nz = []
+    for ax in range(3):
+        later, earlier = (a for a in (2, 1, 0) if a != ax)
+        nz.append(torch.nonzero(fg.any(dim=later).any(dim=earlier)).flatten().tolist())
+    if any(not n for n in nz):
         raise ImageError("the image has no foreground (all voxels equal after normalisation)")
-    return Crop(tuple(int(n[0]) for n in nz), tuple(int(n[-1]) + 1 for n in nz))
+    return tuple(n[0] for n in nz), tuple(n[-1] + 1 for n in nz)
 
 
-def prepare(image_ijk: np.ndarray, spatial_size: tuple[int, int, int], key: str | None = None) -> PreparedImage:
-    """Image as stored (i, j, k) -> normalised crop and zoom-out volume (``key``: its digest, if known)."""
+def zoom_out_volume(zoom_in: torch.Tensor, spatial_size: tuple[int, int, int]) -> torch.Tensor:
+    """The crop resized to the model's size with nearest-exact sampling, as an index gather with
+    indices computed on the CPU, so every device reads exactly the same voxels."""
+    idx = [torch.from_numpy(nearest_exact_source(n, s)).to(zoom_in.device) for n, s in zip(zoom_in.shape, spatial_size)]
+    return zoom_in[idx[0]][:, idx[1]][:, :, idx[2]].contiguous()
+
+
+def prepare(
+    image_ijk: np.ndarray,
+    spatial_size: tuple[int, int, int],
+    key: str | None = None,
+    device: str | torch.device = "cpu",
+) -> PreparedImage:
+    """Image as stored (i, j, k) -> normalised crop and zoom-out volume (``key``: its digest, if known).
+    On a CUDA ``device`` the work is done there and the crop stays there."""
     check_volume(image_ijk)
     key = key or digest(image_ijk)
-    x = foreground_normalise(np.asarray(image_ijk, dtype=np.float32))
-    x = np.swapaxes(x, 0, 2)  # (i, j, k) -> (d, h, w) = (k, j, i)
+    device = torch.device(device)
+    if device.type == "cpu":
+        x = torch.from_numpy(foreground_normalise(np.asarray(image_ijk, dtype=np.float32)))
+    else:
+        x = foreground_normalise_torch(torch.from_numpy(np.ascontiguousarray(image_ijk)).to(device).float())
     x = x - x.min()
-    x = x / np.clip(x.max(), a_min=1e-8, a_max=None)
-    # symmetric zero padding to the spatial size never survives the foreground crop,
-    # so the crop is taken on the unpadded volume
-    crop = foreground_crop(x)
-    zoom_in = torch.from_numpy(np.ascontiguousarray(x[tuple(slice(a, b) for a, b in zip(crop.start, crop.stop))]))
-    zoom_out = F.interpolate(zoom_in[None, None], size=tuple(spatial_size), mode="nearest-exact")[0, 0]
-    return PreparedImage(tuple(image_ijk.shape), crop, zoom_in, zoom_out, key)
+    x = x / x.max().clamp_min(1e-8)
+    # symmetric zero padding to the spatial size never survives the foreground crop, so the
+    # crop is taken on the unpadded volume; found in (i, j, k) order, where x is contiguous
+    start, stop = foreground_box(x)
+    crop = Crop(start[::-1], stop[::-1])
+    inner = x[tuple(slice(a, b) for a, b in zip(start, stop))]
+    zoom_in = inner.permute(2, 1, 0).contiguous()  # (i, j, k) -> (d, h, w) = (k, j, i)
+    return PreparedImage(tuple(image_ijk.shape), crop, zoom_in, zoom_out_volume(zoom_in, spatial_size), key)
 
 
 def nearest_exact_source(n_in: int, n_out: int) -> np.ndarray:

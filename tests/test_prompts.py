@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from segvol.model.image_encoder import Patchify
-from segvol.preprocess import Crop, foreground_normalise, nearest_exact_source, prepare
+from segvol.preprocess import (
+    Crop,
+    foreground_normalise,
+    foreground_normalise_torch,
+    nearest_exact_source,
+    percentile,
+    prepare,
+    zoom_out_volume,
+)
 from segvol.prompts import NO_BOX, Prompt, PromptError, box_to_model, mask_box, model_box_on_crop, points_to_model
 
 SIZE = (32, 256, 256)
@@ -113,3 +121,27 @@ def test_bad_prompts_are_named(kwargs, message):
 
 def test_labels_default_to_positive():
     assert Prompt.make((10, 10, 10), points=[[1, 2, 3]]).point_labels == (1,)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 2001])
+def test_torch_percentile_is_numpys_linear_percentile(n):
+    values = np.random.default_rng(n).normal(0, 100, n).astype(np.float32)
+    for q in (0.05, 50.0, 99.95):
+        assert float(percentile(torch.from_numpy(values), q)) == pytest.approx(np.percentile(values, q), rel=1e-6)
+
+
+def test_device_normalisation_equals_the_numpy_path_to_float_noise():
+    """The GPU path's statistics, run here on the CPU, against numpy's."""
+    rng = np.random.default_rng(1)
+    ct = np.full((60, 50, 40), -1000, np.int16)
+    ct[8:52, 6:44, 4:36] = rng.normal(40, 200, (44, 38, 32)).astype(np.int16)
+    ref = foreground_normalise(ct)
+    out = foreground_normalise_torch(torch.from_numpy(ct).float()).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(7, 12, 20), (40, 300, 301), (32, 256, 256)])
+def test_zoom_out_gather_equals_nearest_exact_interpolation(shape):
+    x = torch.rand(shape)
+    ref = F.interpolate(x[None, None], size=(8, 32, 32), mode="nearest-exact")[0, 0]
+    assert torch.equal(zoom_out_volume(x, (8, 32, 32)), ref)

@@ -59,13 +59,13 @@ def _run(predictor: SegVolPredictor, image: np.ndarray, prompts: list[Prompt]) -
     predictor.set_image(image)
     targets = predictor.predict(prompts)
     t1 = time.perf_counter()
-    masks = [predictor.mask_on_image(t) for t in targets]
-    logits = [predictor.logits_on_image(t) for t in targets]
+    labelmap = predictor.labelmap_on_image(targets, list(range(1, len(targets) + 1)))
+    logits = [predictor.logits_on_image(targets[0])]
     t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         import nibabel as nib
 
-        nib.save(nib.Nifti1Image(masks[0], np.eye(4)), str(Path(tmp) / "mask.nii.gz"))
+        nib.save(nib.Nifti1Image(labelmap, np.eye(4)), str(Path(tmp) / "labels.nii.gz"))
     t3 = time.perf_counter()
     row = {k: predictor.timings.get(k, 0.0) - before.get(k, 0.0) for k in ("preprocess", "encode", "text", "decode")}
     row.update(

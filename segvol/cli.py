@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger("segvol")
 
 DEFAULT_CACHE = Path(os.environ.get("SEGVOL_HOME", Path.home() / ".cache" / "segvol"))
@@ -111,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_segment(a: argparse.Namespace) -> int:
     from segvol.engine import SegVolPredictor
     from segvol.io import read_volume, write_like
-    from segvol.labelmap import combine
     from segvol.preprocess import check_volume
     from segvol.prompts import Prompt
     from segvol.vocabulary import resolve_texts
@@ -131,14 +128,12 @@ def cmd_segment(a: argparse.Namespace) -> int:
     log.info("loaded %s on %s in %.1f s", weights, predictor.device, time.perf_counter() - t0)
     predictor.set_image(volume.array)
     targets = predictor.predict(prompts)
-    masks = [predictor.mask_on_image(t) for t in targets]
-    logits = [predictor.logits_on_image(t) for t in targets]
-    write_like(volume, combine(masks, logits, list(range(1, len(masks) + 1))), a.output)
+    write_like(volume, predictor.labelmap_on_image(targets, list(range(1, len(targets) + 1))), a.output)
     names = [t.typed for t in texts] if texts else ["target"]
     sidecar = a.output.with_name(a.output.name.split(".")[0] + ".labels.json")
     sidecar.write_text(json.dumps({n: i + 1 for i, n in enumerate(names)}, indent=1) + "\n")
     if a.logits:
-        write_like(volume, logits[0].astype(np.float32), a.logits)
+        write_like(volume, predictor.logits_on_image(targets[0]), a.logits)
     if a.report:
         a.report.write_text(
             json.dumps(
@@ -159,8 +154,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
             )
             + "\n"
         )
-    for n, m in zip(names, masks):
-        log.info("%s: %d voxels", n, int(m.sum()))
+    for n, t in zip(names, targets):
+        log.info("%s: %d voxels", n, int(t.mask.sum()))
     log.info("wrote %s (labels %s) in %.1f s", a.output, sidecar, time.perf_counter() - t0)
     return 0
 

@@ -12,14 +12,17 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segvol.labelmap import combine
 from segvol.model import SegVol
-from segvol.preprocess import PreparedImage, check_volume, digest, prepare, to_image_grid
+from segvol.preprocess import ImageError, PreparedImage, check_volume, digest, prepare, to_image_grid
 from segvol.prompts import (
     NO_BOX,
     Prompt,
@@ -44,6 +47,55 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     return device
+
+
+class ImageTooLarge(ImageError):
+    """The volume does not fit the memory of the machine or device that would process it."""
+
+
+# peak working set of preprocessing on the CPU, per voxel: float32 copy, voxels above the mean,
+# their partitioned copy, the clipped output
+PREPROCESS_BYTES_PER_VOXEL = 16
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can get without swapping (None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(shape: tuple[int, ...]) -> None:
+    """Refuse, before touching a voxel, a volume whose preprocessing cannot fit in memory: an
+    allocation that the kernel grants and cannot back ends in the OOM killer, not an error."""
+    need = math.prod(shape) * PREPROCESS_BYTES_PER_VOXEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise ImageTooLarge(
+            f"the volume {'x'.join(map(str, shape))} ({math.prod(shape) / 1e6:.0f} M voxels) needs about "
+            f"{need / 2**30:.1f} GB to preprocess and this machine has {free / 2**30:.1f} GB available"
+        )
+
+
+@contextmanager
+def memory_guard(what: str, device: torch.device) -> Iterator[None]:
+    """Turn an allocation failure into ImageTooLarge, naming what failed and what to change."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ImageTooLarge(
+            f"out of memory on {device} while {what}; use a smaller window_batch / decode_batch / "
+            f"cache_mb, or a machine with more memory ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
 
 
 @dataclass
@@ -74,6 +126,28 @@ class Target:
     prompt: Prompt
     logits: torch.Tensor  # (d, h, w) float32, crop grid, CPU
     trace: dict
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The official threshold: sigmoid(logit) > 0.5 (not logit > 0: float32 sigmoid rounds
+        logits below about 3e-8 to exactly 0.5)."""
+        return torch.sigmoid(self.logits) > 0.5
+
+
+@dataclass
+class DecodeJob:
+    """One decoder pass: an embedding and the prompts fed with it (model-space voxels)."""
+
+    embedding: torch.Tensor  # 1 x C x d x h x w
+    text: torch.Tensor | None  # 1 x C
+    box: tuple | None
+    points: list
+    labels: list
+
+    @property
+    def signature(self) -> tuple:
+        """Jobs with equal signatures have the same token layout and can share one batched pass."""
+        return self.text is None, self.box is None, len(self.points)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -126,7 +200,8 @@ class SegVolPredictor:
         device: str | torch.device = "auto",
         zoom_in: bool = True,
         overlap: float = 0.5,
-        window_batch: int = 1,
+        window_batch: int = 4,
+        decode_batch: int = 8,
         cache_mb: float = 2048,
         precision: str = "fp32",
     ) -> None:
@@ -136,6 +211,7 @@ class SegVolPredictor:
         self.zoom_in = zoom_in
         self.overlap = overlap
         self.window_batch = max(1, window_batch)
+        self.decode_batch = max(1, decode_batch)
         self.cache_mb = cache_mb
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -148,21 +224,38 @@ class SegVolPredictor:
         self.reset_image()
 
     # ------------------------------------------------------------------ image
-    def set_image(self, image_ijk: np.ndarray) -> None:
-        """Preprocess an (i, j, k) volume; encodings are computed lazily and kept."""
+    def set_image(self, image_ijk: np.ndarray, key: str | None = None) -> None:
+        """Preprocess an (i, j, k) volume (on the device); encodings are computed lazily and kept.
+        ``key``: the volume's content digest where the caller already knows it."""
         t0 = time.perf_counter()
         check_volume(image_ijk)
-        key = digest(image_ijk)
+        check_fits(image_ijk.shape)
+        key = key or digest(image_ijk)
         if key in self._cache:
             self._cache.move_to_end(key)
             self._entry = self._cache[key]
             self._evict()
             return
-        self._entry = self._cache[key] = ImageCache(prepare(image_ijk, self.size, key))
+        self._entry = None
+        self._entry = self._cache[key] = ImageCache(self._prepare(image_ijk, key))
         self.timings["preprocess"] += time.perf_counter() - t0
         c = self.image.crop
         log.info("image %s: shape %s, crop %s..%s", key[:8], self.image.shape_ijk, c.start_ijk, c.stop_ijk)
         self._evict()
+
+    def _prepare(self, image_ijk: np.ndarray, key: str) -> PreparedImage:
+        """Preprocessing on the device; a volume too large for the GPU is preprocessed on the CPU
+        and its windows moved to the GPU batch by batch."""
+        if self.device.type == "cuda":
+            try:
+                prepared = prepare(image_ijk, self.size, key, self.device)
+                self._sync()
+                return prepared
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log.warning("image %s does not fit %s for preprocessing: using the CPU", key[:8], self.device)
+        with memory_guard(f"preprocessing a {'x'.join(map(str, image_ijk.shape))} volume", torch.device("cpu")):
+            return prepare(image_ijk, self.size, key)
 
     @property
     def image(self) -> PreparedImage | None:
@@ -226,22 +319,39 @@ class SegVolPredictor:
         return self._text_cache[name]
 
     # ------------------------------------------------------------------ decoding
+    def _decode_all(self, jobs: list[DecodeJob]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(job index, D x H x W logits) for every job. Jobs with the same token layout are decoded
+        together, ``decode_batch`` at a time: several categories on the zoom-out embedding, the
+        windows of one or many targets."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[job.signature].append(i)
+        for idx in groups.values():
+            for n in range(0, len(idx), self.decode_batch):
+                chunk = idx[n : n + self.decode_batch]
+                yield from zip(chunk, self._decode([jobs[i] for i in chunk]))
+
     @torch.no_grad()
-    def _decode(self, embedding, text_emb, box, points, labels) -> torch.Tensor:
+    def _decode(self, jobs: list[DecodeJob]) -> torch.Tensor:
         t0 = time.perf_counter()
-        boxes = torch.tensor([box], dtype=torch.float32, device=self.device) if box is not None else None
-        pts = None
-        if points:
-            pts = (
-                torch.tensor([points], dtype=torch.float32, device=self.device),
-                torch.tensor([labels], dtype=torch.float32, device=self.device),
-            )
+        first = jobs[0]
+        if all(j.embedding is first.embedding for j in jobs):
+            embedding = first.embedding  # the decoder broadcasts one embedding over the batch
+        else:
+            embedding = torch.cat([j.embedding for j in jobs])
+        text = torch.cat([j.text for j in jobs]) if first.text is not None else None
+        f32 = dict(dtype=torch.float32, device=self.device)
+        boxes = torch.tensor([j.box for j in jobs], **f32) if first.box is not None else None
+        points = None
+        if first.points:
+            points = torch.tensor([j.points for j in jobs], **f32), torch.tensor([j.labels for j in jobs], **f32)
         with self._autocast():
-            logits = self.model.decode(embedding, text_emb, boxes, pts).float()
-        self.stats["decoder_passes"] += 1
+            logits = self.model.decode(embedding, text, boxes, points).float()
+        self.stats["decoder_passes"] += len(jobs)
+        self.stats["decoder_calls"] += 1
         self._sync()
         self.timings["decode"] += time.perf_counter() - t0
-        return logits[0, 0]
+        return logits[:, 0]
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
@@ -317,7 +427,7 @@ class SegVolPredictor:
 
     def _window_volume(self, key: WindowKey) -> torch.Tensor:
         image = self._require_image()
-        vol = torch.zeros(self.size, dtype=torch.float32)
+        vol = torch.zeros(self.size, dtype=torch.float32, device=image.zoom_in.device)
         src = tuple(slice(a, b) for a, b, _ in key)
         dst = tuple(slice(o, o + b - a) for a, b, o in key)
         vol[dst] = image.zoom_in[src]
@@ -327,9 +437,15 @@ class SegVolPredictor:
         """Segment one target per prompt. Prompts must be valid for the current image."""
         image = self._require_image()
         zoom_in = self.zoom_in if zoom_in is None else zoom_in
+        shape = "x".join(map(str, image.shape_ijk))
+        with memory_guard(f"segmenting {len(prompts)} target(s) on a {shape} volume", self.device):
+            return self._predict(prompts, zoom_in)
+
+    def _predict(self, prompts: list[Prompt], zoom_in: bool) -> list[Target]:
+        image = self._require_image()
         embedding = self.zoom_out_embedding()
         crop = image.crop
-        staged = []
+        jobs, traces, texts, boxes = [], [], [], []
         for prompt in prompts:
             trace: dict = {
                 "crop": {
@@ -351,42 +467,54 @@ class SegVolPredictor:
                 points_dhw=[list(p) for p in model_points] or None,
                 point_labels=list(prompt.point_labels) or None,
             )
-            low = self._decode(embedding, text_emb, model_box, model_points, list(prompt.point_labels))
-            coarse = F.interpolate(low[None, None], size=crop.shape, mode="nearest")[0, 0]
-            plan = self._plan(prompt, coarse, model_box) if zoom_in else None
-            staged.append((prompt, text_emb, coarse, plan, trace))
-        # encode every window not yet cached, all targets together
-        self.window_embeddings([w.key for *_, plan, _ in staged if plan for w in plan.windows])
-        return [self._finish(*s) for s in staged]
-
-    def _finish(self, prompt, text_emb, coarse, plan: Plan | None, trace) -> Target:
-        if plan is None:
-            trace["zoom_in"] = None
-            return Target(prompt, coarse.cpu(), trace)
-        total = torch.zeros(plan.padded, dtype=torch.float32, device=self.device)
-        count = torch.zeros(plan.padded, dtype=torch.float32, device=self.device)
-        windows = []
-        for win in plan.windows:
-            logits = self._decode(self._entry.windows[win.key], text_emb, win.box, win.points, win.labels)
+            jobs.append(DecodeJob(embedding, text_emb, model_box, model_points, list(prompt.point_labels)))
+            traces.append(trace)
+            texts.append(text_emb)
+            boxes.append(model_box)
+        # zoom-out: all prompts, batched where their token layouts agree
+        coarse: list[torch.Tensor] = [None] * len(prompts)
+        for i, low in self._decode_all(jobs):
+            coarse[i] = F.interpolate(low[None, None], size=crop.shape, mode="nearest")[0, 0]
+        plans = [self._plan(*args) if zoom_in else None for args in zip(prompts, coarse, boxes)]
+        # zoom-in: encode every window not cached yet, then decode every window of every target
+        self.window_embeddings([w.key for plan in plans if plan for w in plan.windows])
+        window_jobs, owners = [], []
+        for t, plan in enumerate(plans):
+            for win in plan.windows if plan else []:
+                window_jobs.append(DecodeJob(self._entry.windows[win.key], texts[t], win.box, win.points, win.labels))
+                owners.append((t, win))
+        sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for j, logits in self._decode_all(window_jobs):
+            t, win = owners[j]
+            if t not in sums:
+                sums[t] = tuple(torch.zeros(plans[t].padded, device=self.device) for _ in range(2))
+            total, count = sums[t]
             sl = tuple(slice(s, s + w) for s, w in zip(win.start, self.size))
             total[sl] += logits
             count[sl] += 1.0
-            windows.append(
+        return [self._finish(*args, sums.get(t)) for t, args in enumerate(zip(prompts, coarse, plans, traces))]
+
+    def _finish(self, prompt: Prompt, coarse: torch.Tensor, plan: Plan | None, trace: dict, sums) -> Target:
+        """Overlap-averaged window logits pasted into the coarse logits over the ROI."""
+        if plan is None:
+            trace["zoom_in"] = None
+            return Target(prompt, coarse.cpu(), trace)
+        total, count = sums
+        inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
+        final = coarse.clone()
+        final[tuple(slice(a, b) for a, b in plan.roi)] = (total / count)[inner]
+        trace["zoom_in"] = {
+            "roi_slice_dhw_in_crop": [list(r) for r in plan.roi],
+            "pad_before_dhw": list(plan.pad),
+            "padded_roi_shape_dhw": list(plan.padded),
+            "windows": [
                 {
                     "slice_dhw_in_padded_roi": [[s, s + w] for s, w in zip(win.start, self.size)],
                     "box_fed_dhw": list(win.box) if win.box is not None else None,
                     "points_fed_dhw": [list(p) for p in win.points] or None,
                 }
-            )
-        averaged = total / count
-        inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
-        final = coarse.clone()
-        final[tuple(slice(a, b) for a, b in plan.roi)] = averaged[inner]
-        trace["zoom_in"] = {
-            "roi_slice_dhw_in_crop": [list(r) for r in plan.roi],
-            "pad_before_dhw": list(plan.pad),
-            "padded_roi_shape_dhw": list(plan.padded),
-            "windows": windows,
+                for win in plan.windows
+            ],
         }
         return Target(prompt, final.cpu(), trace)
 
@@ -397,8 +525,12 @@ class SegVolPredictor:
 
     def mask_on_image(self, target: Target) -> np.ndarray:
         """uint8 mask on the (i, j, k) grid: sigmoid(logit) > 0.5, 0 outside the crop."""
-        crop_mask = (torch.sigmoid(target.logits) > 0.5).to(torch.uint8).numpy()
-        return to_image_grid(crop_mask, self._require_image(), 0)
+        return to_image_grid(target.mask.to(torch.uint8).numpy(), self._require_image(), 0)
+
+    def labelmap_on_image(self, targets: list[Target], values: list[int]) -> np.ndarray:
+        """One uint8 map on the (i, j, k) grid, ``values[n]`` where target n is foreground (the
+        highest logit wins an overlap). Combined on the crop grid: no full-size float array per target."""
+        return to_image_grid(combine([t.logits for t in targets], values).numpy(), self._require_image(), 0)
 
 
-__all__ = ["NO_BOX", "Plan", "SegVolPredictor", "Target", "Window", "pick_device"]
+__all__ = ["NO_BOX", "DecodeJob", "ImageTooLarge", "Plan", "SegVolPredictor", "Target", "Window", "pick_device"]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import phantom
-from segvol.engine import SegVolPredictor, roi_from_mask, window_starts
+from conftest import ROOT, phantom
+from segvol.engine import ImageTooLarge, SegVolPredictor, roi_from_mask, window_starts
+from segvol.labelmap import combine
 from segvol.prompts import Prompt
 
 
@@ -168,3 +173,81 @@ def test_bf16_is_an_opt_in_approximation(tiny_model):
     assert 0 < float(diff.max()) < 5  # close, but not the faithful numbers: hence opt-in
     with pytest.raises(ValueError, match="precision 'int8'"):
         SegVolPredictor(tiny_model, "cpu", precision="int8")
+
+
+def test_batched_decoding_equals_one_by_one(tiny_model):
+    """Several categories, a click, a box and text with a click: prompts with the same token
+    layout share decoder calls, the results do not change beyond float noise."""
+    shape = (150, 40, 40)
+    prompts = [Prompt.make(shape, text=n) for n in ("liver", "spleen", "aorta", "left kidney")]
+    prompts += [
+        Prompt.make(shape, points=[[75, 20, 20]], point_labels=[1]),
+        Prompt.make(shape, box=[40, 10, 10, 110, 30, 30]),
+        Prompt.make(shape, text="liver", points=[[60, 18, 22], [90, 20, 20]], point_labels=[1, 0]),
+    ]
+    runs = []
+    for batch in (1, 8):
+        p = SegVolPredictor(tiny_model, "cpu", decode_batch=batch)
+        p.set_image(phantom(shape))
+        runs.append((p.predict(prompts), dict(p.stats)))
+    (one, one_stats), (many, many_stats) = runs
+    assert one_stats["decoder_passes"] == many_stats["decoder_passes"] == one_stats["decoder_calls"]
+    assert many_stats["decoder_calls"] < one_stats["decoder_calls"] / 2
+    for a, b in zip(one, many):
+        assert a.trace == b.trace
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
+
+
+def test_label_map_gives_overlaps_to_the_highest_logit():
+    rng = np.random.default_rng(0)
+    logits = [torch.from_numpy(rng.normal(0, 2, (6, 7, 8)).astype(np.float32)) for _ in range(4)]
+    logits[2][0, 0, :] = logits[1][0, 0, :] = 5.0  # a tie: the earlier target keeps it
+    values = [3, 7, 9, 200]
+    stacked = np.where(np.stack([torch.sigmoid(x).numpy() > 0.5 for x in logits]), np.stack(logits), -np.inf)
+    expected = np.where(np.isfinite(stacked.max(0)), np.asarray(values, np.uint8)[stacked.argmax(0)], 0)
+    out = combine(logits, values)
+    assert out.dtype == torch.uint8 and (out[0, 0] == 7).all()
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_a_volume_too_large_for_memory_is_refused_before_it_is_read(tiny_model):
+    huge = np.broadcast_to(np.int16(0), (4096, 4096, 4096))  # 69 G voxels, no memory behind them
+    p = SegVolPredictor(tiny_model, "cpu")
+    with pytest.raises(ImageTooLarge, match=r"4096x4096x4096 \(68719 M voxels\) needs about 1024.0 GB"):
+        p.set_image(huge)
+    assert p.image is None and p.cache_bytes() == 0
+
+
+def test_an_allocation_failure_is_a_clear_error_not_a_crash(tmp_path):
+    """A real failed allocation: the address space is capped just above what the process uses."""
+    script = tmp_path / "cap.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import resource, sys
+            import numpy as np, torch
+            from segvol.engine import ImageTooLarge, SegVolPredictor
+            from segvol.model import CONFIGS, SegVol
+            from segvol.prompts import Prompt
+
+            p = SegVolPredictor(SegVol(CONFIGS["segvol-tiny"]), "cpu")
+            ct = np.zeros((512, 512, 300), np.int16)
+            ct[100:400, 100:400, 50:250] = 40
+            small = np.full((60, 50, 40), -1000, np.int16)
+            small[10:50, 10:40, 5:35] = np.random.default_rng(0).normal(40, 100, (40, 30, 30))
+            used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (used + 200 * 2**20, resource.RLIM_INFINITY))
+            try:
+                p.set_image(ct)
+            except ImageTooLarge as e:
+                print("refused:", e)
+            p.set_image(small)  # the predictor still works
+            (target,) = p.predict([Prompt.make(small.shape, text="liver")])
+            print("then segmented", tuple(target.logits.shape))
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "refused: out of memory on cpu while preprocessing a 512x512x300 volume" in out.stdout
+    assert "then segmented (30, 30, 40)" in out.stdout

@@ -25,6 +25,7 @@ from segvol.engine import SegVolPredictor, Target
 from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
+from segvol.preprocess import digest
 from segvol.prompts import Prompt
 from segvol.vocabulary import Vocabulary, default_vocabulary
 from segvol.weights import WeightsError, find_or_download, load_segvol
@@ -44,8 +45,8 @@ class ServiceUnavailable(RuntimeError):
 @dataclass
 class Segmentation:
     targets: list[Target]
-    masks: list[np.ndarray]
-    logits: list[np.ndarray]
+    labelmap: np.ndarray  # uint8, the image grid, ``values[n]`` where target n won
+    voxels: list[int]  # foreground voxels of each target's own mask
     timings: dict[str, float]
 
 
@@ -62,7 +63,7 @@ class SegVolService:
         self.error: str | None = None
         self._ready = threading.Event()
         self.lock = threading.Lock()  # one model run at a time
-        self._cached: tuple[tuple, Volume] | None = None
+        self._cached: tuple[tuple, Volume, str] | None = None  # (file identity, volume, content digest)
         self._provenance: OrderedDict[str, dict[int, str]] = OrderedDict()  # image -> value -> mask digest
 
     @property
@@ -82,8 +83,15 @@ class SegVolService:
             model = self._build()
             self.base_version = self.version
             self._base_state = trainable_state(model)
+            s = self.settings
             self.predictor = SegVolPredictor(
-                model, self.settings.device, zoom_in=self.settings.zoom_in, cache_mb=self.settings.cache_mb
+                model,
+                s.device,
+                zoom_in=s.zoom_in,
+                window_batch=s.window_batch,
+                decode_batch=s.decode_batch,
+                cache_mb=s.cache_mb,
+                precision=s.precision,
             )
             self.sync_version()
             log.info("SegVol %s ready on %s in %.1f s", self.version, self.predictor.device, time.perf_counter() - t0)
@@ -147,8 +155,13 @@ class SegVolService:
         if cached is not None and cached[0] == key:
             return cached[1]
         volume = read_volume(path)
-        self._cached = (key, volume)
+        self._cached = (key, volume, digest(volume.array))
         return volume
+
+    def _content_key(self, volume: Volume) -> str:
+        """The digest computed when ``volume`` was read (hashing a CT costs ~60 ms per request)."""
+        cached = self._cached
+        return cached[2] if cached is not None and cached[1] is volume else digest(volume.array)
 
     # ------------------------------------------------------------------ provenance
     def remember(self, image_path: str, labelmap: np.ndarray, values: list[int]) -> None:
@@ -168,18 +181,22 @@ class SegVolService:
             return "MANUAL"
         return "AUTOMATIC" if known == mask_digest(mask) else "SEMIAUTOMATIC"
 
-    def segment(self, volume: Volume, prompts: list[Prompt], zoom_in: bool | None = None) -> Segmentation:
+    def segment(
+        self, volume: Volume, prompts: list[Prompt], values: list[int], zoom_in: bool | None = None
+    ) -> Segmentation:
         predictor = self.wait()
         with self.lock:
             self.sync_version()
             before = dict(predictor.timings)
             t0 = time.perf_counter()
-            predictor.set_image(volume.array)
+            predictor.set_image(volume.array, key=self._content_key(volume))
             targets = predictor.predict(prompts, zoom_in=zoom_in)
-            masks = [predictor.mask_on_image(t) for t in targets]
-            logits = [predictor.logits_on_image(t) for t in targets]
+            t1 = time.perf_counter()
+            labelmap = predictor.labelmap_on_image(targets, values)
+            voxels = [int(t.mask.sum()) for t in targets]
             timings = {
                 k: round(v - before.get(k, 0.0), 4) for k, v in predictor.timings.items() if v - before.get(k, 0.0) > 0
             }
+            timings["post"] = round(time.perf_counter() - t1, 4)
             timings["total"] = round(time.perf_counter() - t0, 4)
-        return Segmentation(targets, masks, logits, timings)
+        return Segmentation(targets, labelmap, voxels, timings)

@@ -29,6 +29,8 @@ HELP = {
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
+    "window_batch": "zoom-in windows encoded per encoder pass (4; lower it on a small GPU)",
+    "decode_batch": "prompts or windows decoded per decoder pass (8; lower it on a small GPU)",
     "versions_dir": "where fine-tuned decoder versions live (default <app>/model/versions)",
     "train_steps": "decoder optimiser steps per fine-tune round (400)",
     "train_lr": "learning rate of the decoder fine-tune (1e-4)",
@@ -69,6 +71,8 @@ class AppSettings:
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
     cache_mb: float = 2048.0
+    window_batch: int = 4
+    decode_batch: int = 8
     model_dir: Path = field(default=Path("model"))
     versions_dir: Path = field(default=Path("model/versions"))
     train_steps: int = 400
@@ -86,6 +90,9 @@ class AppSettings:
         numbers = {}
         for key in (
             "auto_max_labels",
+            "cache_mb",
+            "window_batch",
+            "decode_batch",
             "train_steps",
             "train_lr",
             "train_after_labels",

@@ -12,8 +12,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.params import PromptBuilder, Target, output_options
 from lib.service import SegVolService, ServiceUnavailable
+from segvol.engine import ImageTooLarge
 from segvol.io import ImageReadError, write_like
-from segvol.labelmap import combine
 from segvol.preprocess import ImageError
 from segvol.prompts import PromptError
 
@@ -50,14 +50,17 @@ class SegVolInferTask(InferTask):
             targets = self.targets(request, PromptBuilder(self.service.vocabulary, volume.array.shape))
         except (PromptError, ImageError, ImageReadError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
+        values = [t.value for t in targets]
         try:
-            seg = self.service.segment(volume, [t.prompt for t in targets], out.zoom_in)
+            seg = self.service.segment(volume, [t.prompt for t in targets], values, out.zoom_in)
         except ServiceUnavailable as e:
             raise HTTPException(status_code=503, detail=str(e)) from e
+        except ImageTooLarge as e:
+            raise HTTPException(status_code=413, detail=str(e)) from e
         except (PromptError, ImageError) as e:  # the engine's own checks: a text CLIP cannot take, NaNs, ...
             raise HTTPException(status_code=400, detail=str(e)) from e
-        labelmap = combine(seg.masks, seg.logits, [t.value for t in targets])
-        self.service.remember(request["image"], labelmap, [t.value for t in targets])
+        labelmap = seg.labelmap
+        self.service.remember(request["image"], labelmap, values)
         with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
             path = f.name
         write_like(volume, labelmap, path, compress=out.compress)
@@ -71,11 +74,11 @@ class SegVolInferTask(InferTask):
                     "points": [list(p) for p in t.prompt.points] or None,
                     "point_labels": list(t.prompt.point_labels) or None,
                     "box": list(t.prompt.box) if t.prompt.box else None,
-                    "voxels": int(m.sum()),
+                    "voxels": voxels,
                     "model_space": seg_t.trace["model_space"],
                     "zoom_in_windows": len(seg_t.trace["zoom_in"]["windows"]) if seg_t.trace.get("zoom_in") else 0,
                 }
-                for t, m, seg_t in zip(targets, seg.masks, seg.targets)
+                for t, voxels, seg_t in zip(targets, seg.voxels, seg.targets)
             ],
             "model_version": self.service.version,
             "timings": seg.timings,

@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shape", nargs=3, type=int, default=[512, 512, 200], metavar=("I", "J", "K"))
     b.add_argument("--categories", type=int, default=10, help="categories in the many-category scenario")
     b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
+    b.add_argument("--decode-batch", type=int, default=0, help="decoder passes per batch (0: 8 on a GPU, 1 on a CPU)")
     b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
     b.add_argument("--no-zoom-in", action="store_true")
     b.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="for the fast path")
@@ -164,10 +165,24 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from segvol.bench import build_model, run, synthetic_ct
     from segvol.io import read_volume
 
+    t0 = time.perf_counter()
     model, what = build_model(a.weights, a.config)
+    load_s = time.perf_counter() - t0 if a.weights else None
     image = read_volume(a.image).array if a.image else synthetic_ct(tuple(a.shape))
     log.info("bench with %s on %s", what, a.image or f"a synthetic CT of {tuple(a.shape)}")
-    print(run(model, image, a.device, a.categories, a.faithful, a.window_batch, not a.no_zoom_in, a.precision))
+    table = run(
+        model,
+        image,
+        a.device,
+        a.categories,
+        a.faithful,
+        a.window_batch,
+        not a.no_zoom_in,
+        a.precision,
+        a.decode_batch,
+        load_s,
+    )
+    print(table)
     return 0
 
 

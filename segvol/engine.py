@@ -201,9 +201,10 @@ class SegVolPredictor:
         zoom_in: bool = True,
         overlap: float = 0.5,
         window_batch: int = 4,
-        decode_batch: int = 8,
+        decode_batch: int = 0,
         cache_mb: float = 2048,
         precision: str = "fp32",
+        preprocess_on_device: bool = True,
     ) -> None:
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
@@ -211,7 +212,10 @@ class SegVolPredictor:
         self.zoom_in = zoom_in
         self.overlap = overlap
         self.window_batch = max(1, window_batch)
-        self.decode_batch = max(1, decode_batch)
+        # 0: by device. Batches pay on a GPU (fewer, fuller kernels); on a CPU one pass at a time
+        # is faster (measured: 8 passes 2.1 s one by one, 2.7 s as one batch of 8)
+        self.decode_batch = decode_batch if decode_batch > 0 else (8 if self.device.type == "cuda" else 1)
+        self.preprocess_on_device = preprocess_on_device
         self.cache_mb = cache_mb
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -246,7 +250,7 @@ class SegVolPredictor:
     def _prepare(self, image_ijk: np.ndarray, key: str) -> PreparedImage:
         """Preprocessing on the device; a volume too large for the GPU is preprocessed on the CPU
         and its windows moved to the GPU batch by batch."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.preprocess_on_device:
             try:
                 prepared = prepare(image_ijk, self.size, key, self.device)
                 self._sync()

@@ -84,6 +84,12 @@ class SegVol(nn.Module):
         self.prompt_encoder = PromptEncoder(config.embed_dim, config.embedding_grid, config.spatial_size)
         self.text_encoder = TextEncoder(CLIPTextConfig(**config.clip), config.embed_dim)
 
+    def set_fast_kernels(self, enabled: bool) -> None:
+        """Fused attention in the encoder and matmul upscaling in the decoder (default), or the
+        official kernels (explicit attention, ConvTranspose3d): the same maths, float noise apart."""
+        self.image_encoder.set_fused_attention(enabled)
+        self.mask_decoder.matmul_upscaling = enabled
+
     def encode_image(self, volume: torch.Tensor) -> torch.Tensor:
         """B x 1 x D x H x W (the model's spatial size) -> B x C x d x h x w."""
         return self.image_encoder(volume)

@@ -30,7 +30,7 @@ HELP = {
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
     "window_batch": "zoom-in windows encoded per encoder pass (4; lower it on a small GPU)",
-    "decode_batch": "prompts or windows decoded per decoder pass (8; lower it on a small GPU)",
+    "decode_batch": "prompts or windows decoded per decoder pass (0, default: 8 on a GPU, 1 on a CPU)",
     "versions_dir": "where fine-tuned decoder versions live (default <app>/model/versions)",
     "train_steps": "decoder optimiser steps per fine-tune round (400)",
     "train_lr": "learning rate of the decoder fine-tune (1e-4)",
@@ -72,7 +72,7 @@ class AppSettings:
     auto_max_labels: int = 10
     cache_mb: float = 2048.0
     window_batch: int = 4
-    decode_batch: int = 8
+    decode_batch: int = 0
     model_dir: Path = field(default=Path("model"))
     versions_dir: Path = field(default=Path("model/versions"))
     train_steps: int = 400

@@ -259,7 +259,7 @@ class SegVolPredictor:
                 torch.cuda.empty_cache()
                 log.warning("image %s does not fit %s for preprocessing: using the CPU", key[:8], self.device)
         with memory_guard(f"preprocessing a {'x'.join(map(str, image_ijk.shape))} volume", torch.device("cpu")):
-            return prepare(image_ijk, self.size, key)
+            return prepare(image_ijk, self.size, key, device=None)
 
     @property
     def image(self) -> PreparedImage | None:

@@ -101,7 +101,7 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 def foreground_normalise_torch(ct: torch.Tensor) -> torch.Tensor:
     """``foreground_normalise`` in torch, for a GPU: the same statistics, equal to float noise
-    (numpy is faster on a CPU, so the CPU path keeps it)."""
+    (numpy is faster on a CPU, so the CPU path keeps it). ``ct``: float32."""
     flat = ct.flatten()
     above = flat[flat > flat.mean()]
     if above.numel() == 0:
@@ -129,21 +129,29 @@ def zoom_out_volume(zoom_in: torch.Tensor, spatial_size: tuple[int, int, int]) -
     return zoom_in[idx[0]][:, idx[1]][:, :, idx[2]].contiguous()
 
 
+def as_tensor(image: np.ndarray) -> torch.Tensor:
+    """The volume as a tensor in its own dtype where torch takes it (an int16 CT moves to a GPU at
+    2 bytes a voxel), else as float32 (big-endian files, unsigned types torch does little with)."""
+    if (image.dtype.isnative and image.dtype.kind in "if") or image.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(image))
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+
+
 def prepare(
     image_ijk: np.ndarray,
     spatial_size: tuple[int, int, int],
     key: str | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> PreparedImage:
     """Image as stored (i, j, k) -> normalised crop and zoom-out volume (``key``: its digest, if known).
-    On a CUDA ``device`` the work is done there and the crop stays there."""
+    ``device`` None: numpy statistics on the CPU (the fastest there); else torch on that device,
+    where the crop then stays."""
     check_volume(image_ijk)
     key = key or digest(image_ijk)
-    device = torch.device(device)
-    if device.type == "cpu":
+    if device is None:
         x = torch.from_numpy(foreground_normalise(np.asarray(image_ijk, dtype=np.float32)))
     else:
-        x = foreground_normalise_torch(torch.from_numpy(np.ascontiguousarray(image_ijk)).to(device).float())
+        x = foreground_normalise_torch(as_tensor(image_ijk).to(device).float())
     x = x - x.min()
     x = x / x.max().clamp_min(1e-8)
     # symmetric zero padding to the spatial size never survives the foreground crop, so the

@@ -22,7 +22,8 @@ SEEDED_SHA256 = "d2ade175e15cb73b3be8366bfb5104e6f9e068dc052d5270cd6c75e82e54150
 
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """``python -m segvol ...`` as a user runs it."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "segvol", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
     )

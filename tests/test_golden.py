@@ -8,6 +8,7 @@ golden logit is within float noise of zero (Dice >= 0.999); final logits within 
 from __future__ import annotations
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +34,7 @@ def _cli_args(case_dir, out_dir, zoom_in: bool) -> list[str]:
         "--report",
         str(out_dir / "report.json"),
         "--device",
-        "cpu",
+        os.environ.get("SEGVOL_TEST_DEVICE", "cpu"),  # scripts/gpu_check.sh runs the cases on CUDA
     ]
     if user["text"]:
         args += ["--text", user["text"]]

@@ -130,14 +130,22 @@ def test_torch_percentile_is_numpys_linear_percentile(n):
         assert float(percentile(torch.from_numpy(values), q)) == pytest.approx(np.percentile(values, q), rel=1e-6)
 
 
-def test_device_normalisation_equals_the_numpy_path_to_float_noise():
-    """The GPU path's statistics, run here on the CPU, against numpy's."""
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<u2", "<f8"])
+def test_device_preprocessing_equals_the_numpy_path(dtype):
+    """The GPU path (torch statistics, the volume moved in its own dtype), run here on the CPU:
+    the same crop, values equal to float noise."""
     rng = np.random.default_rng(1)
-    ct = np.full((60, 50, 40), -1000, np.int16)
-    ct[8:52, 6:44, 4:36] = rng.normal(40, 200, (44, 38, 32)).astype(np.int16)
-    ref = foreground_normalise(ct)
-    out = foreground_normalise_torch(torch.from_numpy(ct).float()).numpy()
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    ct = np.full((60, 50, 40), -1000, np.float64)
+    ct[8:52, 6:44, 4:36] = rng.normal(40, 200, (44, 38, 32)).round()
+    if dtype == "<u2":
+        ct += 1024
+    ct = ct.astype(dtype)
+    ref, out = prepare(ct, (8, 32, 32)), prepare(ct, (8, 32, 32), device="cpu")
+    assert out.crop == ref.crop and out.key == ref.key
+    for a, b in ((out.zoom_in, ref.zoom_in), (out.zoom_out, ref.zoom_out)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    stats = foreground_normalise_torch(torch.from_numpy(ct.astype(np.float32)))
+    np.testing.assert_allclose(stats.numpy(), foreground_normalise(ct), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(7, 12, 20), (40, 300, 301), (32, 256, 256)])

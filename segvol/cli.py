@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "fp16"),
         help="fp32 (faithful, default); bf16/fp16 are faster approximations (see README)",
     )
+    s.add_argument(
+        "--overlap",
+        type=float,
+        default=0.5,
+        help="zoom-in window overlap: 0.5 (faithful, default); lower means fewer windows, approximate (see README)",
+    )
     s.add_argument("--verify-sha256", action="store_true", help="check the weights against the official hash")
 
     b = sub.add_parser(
@@ -97,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
     b.add_argument("--decode-batch", type=int, default=0, help="decoder passes per batch (0: 8 on a GPU, 1 on a CPU)")
     b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
+    b.add_argument("--overlap", type=float, default=0.5, help="zoom-in overlap of the fast path (0.5: faithful)")
     b.add_argument("--no-zoom-in", action="store_true")
     b.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="for the fast path")
     b.add_argument("--device", default="auto")
@@ -125,7 +132,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     prompts = [Prompt.make(shape, t.name if t else None, points, labels, a.box) for t in (texts or [None])]
     weights = find_or_download(a.weights, DEFAULT_CACHE)
     model = load_segvol(weights, verify=a.verify_sha256)
-    predictor = SegVolPredictor(model, a.device, zoom_in=not a.no_zoom_in, precision=a.precision)
+    predictor = SegVolPredictor(model, a.device, zoom_in=not a.no_zoom_in, overlap=a.overlap, precision=a.precision)
     log.info("loaded %s on %s in %.1f s", weights, predictor.device, time.perf_counter() - t0)
     predictor.set_image(volume.array)
     targets = predictor.predict(prompts)
@@ -181,6 +188,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         a.precision,
         a.decode_batch,
         load_s,
+        a.overlap,
     )
     print(table)
     return 0

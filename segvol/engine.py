@@ -210,6 +210,8 @@ class SegVolPredictor:
         self.model = model.to(self.device).eval()
         self.size = tuple(model.config.spatial_size)
         self.zoom_in = zoom_in
+        if not 0 <= overlap < 1:
+            raise ValueError(f"overlap {overlap}: expected 0 <= overlap < 1 (0.5 is the official value)")
         self.overlap = overlap
         self.window_batch = max(1, window_batch)
         # 0: by device. Batches pay on a GPU (fewer, fuller kernels); on a CPU one pass at a time

@@ -11,15 +11,20 @@ CONF = {"weights": "seeded", "model_config": "segvol-tiny", "device": "cpu"}
 
 
 def test_engine_settings_reach_the_predictor(tmp_path):
-    conf = dict(CONF, cache_mb="64", window_batch="2", decode_batch="3", precision="bf16", zoom_in="false")
+    conf = dict(
+        CONF, cache_mb="64", window_batch="2", decode_batch="3", precision="bf16", zoom_in="false", overlap="0.25"
+    )
     service = SegVolService(AppSettings.from_conf(conf, tmp_path / "model"))
     service.load()
     p = service.wait(timeout=60)
-    assert (p.cache_mb, p.window_batch, p.decode_batch, p.precision, p.zoom_in) == (64.0, 2, 3, "bf16", False)
+    got = (p.cache_mb, p.window_batch, p.decode_batch, p.precision, p.zoom_in, p.overlap)
+    assert got == (64.0, 2, 3, "bf16", False, 0.25)
     assert str(p.device) == "cpu"
 
 
-@pytest.mark.parametrize("key,value", [("cache_mb", "lots"), ("window_batch", "2.5"), ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "key,value", [("cache_mb", "lots"), ("window_batch", "2.5"), ("precision", "fp8"), ("overlap", "1.0")]
+)
 def test_a_bad_engine_setting_names_itself(tmp_path, key, value):
     with pytest.raises(ConfError, match=f"--conf {key} '{value}'"):
         AppSettings.from_conf(dict(CONF, **{key: value}), tmp_path / "model")

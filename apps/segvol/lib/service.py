@@ -88,6 +88,7 @@ class SegVolService:
                 model,
                 s.device,
                 zoom_in=s.zoom_in,
+                overlap=s.overlap,
                 window_batch=s.window_batch,
                 decode_batch=s.decode_batch,
                 cache_mb=s.cache_mb,

@@ -26,6 +26,7 @@ HELP = {
     "device": "auto (CUDA where present), cpu or cuda[:N]",
     "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
     "precision": "fp32 (default, faithful); bf16 or fp16: faster, approximate (effect measured in README)",
+    "overlap": "zoom-in window overlap: 0.5 (default, faithful); 0.25 or 0: fewer windows, approximate (README)",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
@@ -68,6 +69,7 @@ class AppSettings:
     device: str = "auto"
     zoom_in: bool = True
     precision: str = "fp32"
+    overlap: float = 0.5
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
     cache_mb: float = 2048.0
@@ -90,6 +92,7 @@ class AppSettings:
         numbers = {}
         for key in (
             "auto_max_labels",
+            "overlap",
             "cache_mb",
             "window_batch",
             "decode_batch",
@@ -113,6 +116,8 @@ class AppSettings:
         model_config = conf.get("model_config", "segvol-official")
         if model_config not in CONFIGS:
             raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
+        if not 0 <= numbers["overlap"] < 1:
+            raise ConfError(f"--conf overlap {conf['overlap']!r}: expected 0 <= overlap < 1")
         return cls(
             weights=conf.get("weights", "hub"),
             model_config=model_config,

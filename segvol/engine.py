@@ -477,11 +477,14 @@ class SegVolPredictor:
             traces.append(trace)
             texts.append(text_emb)
             boxes.append(model_box)
-        # zoom-out: all prompts, batched where their token layouts agree
-        coarse: list[torch.Tensor] = [None] * len(prompts)
+        # zoom-out: all prompts, batched where their token layouts agree; kept at model resolution
+        # (8 MB each) and brought to the crop grid only while a target is planned or finished
+        lows: list[torch.Tensor] = [None] * len(prompts)
         for i, low in self._decode_all(jobs):
-            coarse[i] = F.interpolate(low[None, None], size=crop.shape, mode="nearest")[0, 0]
-        plans = [self._plan(*args) if zoom_in else None for args in zip(prompts, coarse, boxes)]
+            lows[i] = low
+        plans = [
+            self._plan(p, self._coarse(low), box) if zoom_in else None for p, low, box in zip(prompts, lows, boxes)
+        ]
         # zoom-in: encode every window not cached yet, then decode every window of every target
         self.window_embeddings([w.key for plan in plans if plan for w in plan.windows])
         window_jobs, owners = [], []
@@ -489,6 +492,11 @@ class SegVolPredictor:
             for win in plan.windows if plan else []:
                 window_jobs.append(DecodeJob(self._entry.windows[win.key], texts[t], win.box, win.points, win.labels))
                 owners.append((t, win))
+        done = [
+            self._finish(p, low, None, trace) if plan is None else None
+            for p, low, plan, trace in zip(prompts, lows, plans, traces)
+        ]
+        left = {t: len(plan.windows) for t, plan in enumerate(plans) if plan}
         sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for j, logits in self._decode_all(window_jobs):
             t, win = owners[j]
@@ -498,16 +506,23 @@ class SegVolPredictor:
             sl = tuple(slice(s, s + w) for s, w in zip(win.start, self.size))
             total[sl] += logits
             count[sl] += 1.0
-        return [self._finish(*args, sums.get(t)) for t, args in enumerate(zip(prompts, coarse, plans, traces))]
+            left[t] -= 1
+            if not left[t]:  # finish a target as soon as its last window is in, and free its sums
+                done[t] = self._finish(prompts[t], lows[t], plans[t], traces[t], sums.pop(t))
+        return done
 
-    def _finish(self, prompt: Prompt, coarse: torch.Tensor, plan: Plan | None, trace: dict, sums) -> Target:
+    def _coarse(self, low: torch.Tensor) -> torch.Tensor:
+        """Zoom-out logits on the crop grid (nearest, as the official code resizes them back)."""
+        return F.interpolate(low[None, None], size=self._require_image().crop.shape, mode="nearest")[0, 0]
+
+    def _finish(self, prompt: Prompt, low: torch.Tensor, plan: Plan | None, trace: dict, sums=None) -> Target:
         """Overlap-averaged window logits pasted into the coarse logits over the ROI."""
+        final = self._coarse(low)
         if plan is None:
             trace["zoom_in"] = None
-            return Target(prompt, coarse.cpu(), trace)
+            return Target(prompt, final.cpu(), trace)
         total, count = sums
         inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
-        final = coarse.clone()
         final[tuple(slice(a, b) for a, b in plan.roi)] = (total / count)[inner]
         trace["zoom_in"] = {
             "roi_slice_dhw_in_crop": [list(r) for r in plan.roi],

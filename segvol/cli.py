@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=SEGMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--image", required=True, type=Path, help="CT volume in HU (.nii, .nii.gz, .nrrd)")
+    s.add_argument(
+        "--image", required=True, type=Path, help="CT volume in HU: .nii, .nii.gz, .nrrd, or a DICOM series folder"
+    )
     s.add_argument("--output", required=True, type=Path, help="mask to write (uint8, the image's grid and affine)")
     s.add_argument("--weights", type=Path, help="snapshot folder or checkpoint file (default: cache / download)")
     s.add_argument(

@@ -234,7 +234,7 @@ class SegVolPredictor:
         """Preprocess an (i, j, k) volume (on the device); encodings are computed lazily and kept.
         ``key``: the volume's content digest where the caller already knows it."""
         t0 = time.perf_counter()
-        check_volume(image_ijk)
+        check_volume(image_ijk, finite=False)  # the NaN scan runs once, in prepare, and only on a cache miss
         check_fits(image_ijk.shape)
         key = key or digest(image_ijk)
         if key in self._cache:

@@ -1,0 +1,66 @@
+"""The team's shared state, in one SQLite file beside the datastore.
+
+Several processes serve one team: the server, its training subprocess, a restarted server, a
+second replica on the same host. What they must agree on lives here, never in one process's
+memory: which annotator holds which image (``leases``), what SegVol served (``results`` and
+their ``masks``, to tell AUTOMATIC from SEMIAUTOMATIC from MANUAL when a label is saved) and
+every label saved (``saves``, the history). SQLite in WAL mode lets readers go on while one
+writer commits; every write is one short transaction, so a killed process leaves the file whole.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    image TEXT NOT NULL, client TEXT NOT NULL, granted REAL NOT NULL, until REAL NOT NULL,
+    PRIMARY KEY (image, client));
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, image TEXT NOT NULL, client TEXT NOT NULL, time REAL NOT NULL,
+    model_version TEXT NOT NULL, task TEXT NOT NULL, prompts TEXT NOT NULL, seconds REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS results_by_image ON results (image, id);
+CREATE INDEX IF NOT EXISTS results_by_client ON results (client, id);
+CREATE TABLE IF NOT EXISTS masks (
+    result INTEGER NOT NULL REFERENCES results (id) ON DELETE CASCADE, value INTEGER NOT NULL,
+    name TEXT NOT NULL, digest TEXT NOT NULL, voxels INTEGER NOT NULL, bits BLOB NOT NULL,
+    PRIMARY KEY (result, value));
+CREATE TABLE IF NOT EXISTS saves (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, image TEXT NOT NULL, client TEXT NOT NULL, time REAL NOT NULL,
+    tag TEXT NOT NULL, model_version TEXT NOT NULL, segments TEXT NOT NULL, seg_series TEXT);
+CREATE INDEX IF NOT EXISTS saves_by_image ON saves (image, id);
+"""
+
+
+class TeamStore:
+    """One SQLite file; a connection per call, so any thread or process may use it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection; with ``write``, one transaction that takes the write lock at once
+        (BEGIN IMMEDIATE), so a read-then-write is never interleaved with another writer."""
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        try:
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+            yield db
+            if write:
+                db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()

@@ -43,6 +43,7 @@ class Server:
             "--uvicorn_app",
             "server:app",
         ]
+        conf = {"versions_dir": str(log.parent / "versions"), **conf}  # never the repo's own folder
         for k, v in conf.items():
             args += ["--conf", k, v]
         env = dict(

@@ -96,7 +96,8 @@ def test_a_slicer_session_ends_with_a_seg_in_the_archive(server, archive, tmp_pa
 
     seg.save_as(str(tmp_path / "seg.dcm"))
     reference = sitk.ReadImage(str(ROOT / "sample-datastore" / "lung1.nii.gz"))
-    back = read_seg(tmp_path / "seg.dcm", reference, default_vocabulary())
+    back, names = read_seg(tmp_path / "seg.dcm", reference, default_vocabulary())
+    assert names == {RIGHT_LUNG: "right lung"}
     np.testing.assert_array_equal(back, edited * RIGHT_LUNG)
 
     stats = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -18,6 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 import segvol
 from lib.configs.segvol import SegVolTaskConfig
 from lib.datastores import SegVolDICOMWebDatastore, SegVolLocalDatastore
+from lib.identity import IdentityError, client_of
 from lib.settings import HELP, ConfError
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,18 @@ class SegVolApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             self.studies = self.studies.rstrip("/").strip()
-            return self._init_dicomweb_datastore()
-        return SegVolLocalDatastore(
-            self.service,
-            self.studies,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-        )
+            store = self._init_dicomweb_datastore()
+        else:
+            store = SegVolLocalDatastore(
+                self.service,
+                self.studies,
+                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        team_db = self.service.settings.team_db or Path(store._datastore_path) / ".segvol" / "team.sqlite"
+        self.service.attach_store(team_db)
+        return store
 
     def _init_dicomweb_datastore(self) -> Datastore:
         """MONAI Label's DICOMweb datastore with our SEG writer (so no dcmqi download), basic auth
@@ -90,11 +96,38 @@ class SegVolApp(MONAILabelApp):
         return self.task_config.infer()
 
     def init_strategies(self) -> dict:
+        """``uncertainty`` first: OHIF's panel and our Next image use the first as the default."""
+        from monailabel.tasks.activelearning.first import First
         from monailabel.tasks.activelearning.random import Random
 
         from lib.activelearning.uncertainty import Uncertainty
 
-        return {"uncertainty": Uncertainty(self.service), "random": Random()}
+        return {"uncertainty": Uncertainty(self.service), "random": Random(), "first": First()}
+
+    def next_sample(self, request: dict) -> dict:
+        """The strategy's pick among the images no other annotator holds, leased to the asking
+        client (lib/leases.py); {} when every image has a final label."""
+        try:
+            client = client_of(request)
+        except IdentityError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        name = request.get("strategy") or "uncertainty"
+        strategy = self._strategies.get(name)
+        if strategy is None:
+            raise HTTPException(
+                status_code=404, detail=f"no strategy {name!r}; available: {', '.join(self._strategies)}"
+            )
+        result, note = self.service.leases.next_image(client, strategy, request, self.datastore())
+        if result is None:
+            return {}
+        result["path"] = self._datastore.get_image_uri(result["id"])
+        result["client_id"] = client
+        if note:
+            result["note"] = note
+            log.info("next image for %s: %s (%s)", client, result["id"], note)
+        else:
+            log.info("next image for %s: %s, leased until %s", client, result["id"], result["lease"]["until"])
+        return result
 
     def init_trainers(self) -> dict:
         return {"segvol": self.task_config.trainer()}
@@ -118,7 +151,13 @@ class SegVolApp(MONAILabelApp):
         self.async_training("segvol")  # MONAI Label refuses a second one while one runs
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
+        """Tells the client what was stored: who, from which model version, each segment's type
+        (AUTOMATIC / SEMIAUTOMATIC with the voxels added and removed / MANUAL), the SEG series."""
         result = super().on_save_label(image_id, label_id) or {}
+        saved = getattr(self.datastore().last_saved, "info", None) or {}
+        for key in ("client", "model_version", "segments", "SeriesInstanceUID"):
+            if key in saved:
+                result[key] = saved[key]
         after = self.service.settings.train_after_labels
         if after > 0 and self.new_final_labels() >= after:
             self.start_round(f"{self.new_final_labels()} new final labels (train_after_labels {after})")
@@ -153,6 +192,7 @@ class SegVolApp(MONAILabelApp):
             store = datastore or self.datastore()
             if not self._known_image(store, image):
                 raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+            request = dict(request, image_id=image)  # MONAI Label replaces "image" with a file path
         return super().infer(request, datastore)
 
     @staticmethod

@@ -13,7 +13,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -24,9 +27,12 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
+from pydicom import Dataset
 
 from lib.dicom_seg import SegError, Segment, read_seg, write_seg
+from lib.identity import IdentityError, client_of
 from lib.labels import LabelError, LabelPart, check_tag, normalise, read_upload
+from lib.provenance import MANUAL, Origin
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
@@ -46,28 +52,66 @@ def _write_nifti_like(image_path: str, label: np.ndarray, path: str) -> str:
 class SegVolLabels:
     """What both datastores do before storing a label."""
 
+    last_saved = threading.local()  # what this thread saved last (the app reports it to the client)
+
     def _prepare_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict):
         try:
             check_tag(label_tag)
+            client = client_of(label_info)
             if image_id not in self.list_images():
                 raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
             image_path = self.get_image_uri(image_id)
             image = read_volume(image_path)
             arr = read_upload(label_filename, image)
             label, parts = normalise(arr, (label_info or {}).get("label_info"), self.service.vocabulary)
-        except LabelError as e:
+        except (LabelError, IdentityError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
         info = dict(label_info or {})
+        info.pop("client_id", None)
+        info["client"] = client
         info["segments"] = [
-            {
-                "value": p.value,
-                "name": p.name,
-                "algorithm": self.service.algorithm_type(image_path, p.value, label == p.value),
-            }
-            for p in parts
+            dict(value=p.value, name=p.name, **self._origin(image_id, p.value, label).as_json()) for p in parts
         ]
         info["model_version"] = self.service.version
         return image_path, label, parts, info
+
+    def _origin(self, image_id: str, value: int, label: np.ndarray) -> Origin:
+        provenance = self.service.provenance
+        return provenance.origin(image_id, value, label == value) if provenance is not None else Origin(MANUAL)
+
+    def _saved(self, image_id: str, tag: str, info: dict) -> None:
+        """History and leases: who saved what; a final label ends the leases on the image."""
+        self.last_saved.info = info
+        service = self.service
+        if service.provenance is not None:
+            service.provenance.record_save(
+                image_id, info["client"], tag, info["model_version"], info["segments"], info.get("SeriesInstanceUID")
+            )
+        if tag == DefaultLabelTag.FINAL and service.leases is not None:
+            service.leases.end(image_id)
+
+    def history(self, image_id: str) -> list[dict]:
+        """Labels saved for the image through this server, newest first."""
+        if image_id not in self.list_images():
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
+        provenance = self.service.provenance
+        return provenance.saves(image_id) if provenance is not None else []
+
+    def label_voxels(self, image_id: str, seg_series: str | None = None) -> tuple[np.ndarray, dict[int, str]]:
+        """The image's final label (on its grid) and value -> name."""
+        if seg_series is not None:
+            raise HTTPException(status_code=400, detail="this datastore keeps no DICOM SEG series: leave out 'seg'")
+        obj = self._datastore.objects.get(image_id)
+        final = obj.labels.get(DefaultLabelTag.FINAL) if obj is not None else None
+        if final is None:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} has no final label")
+        label = np.asarray(read_volume(self.get_label_uri(image_id, DefaultLabelTag.FINAL)).array).astype(np.uint8)
+        vocab = self.service.vocabulary
+        names = {int(s["value"]): s["name"] for s in (final.info or {}).get("segments", [])}
+        for v in np.unique(label):
+            if v and int(v) not in names and 1 <= v <= len(vocab):
+                names[int(v)] = vocab.categories[int(v) - 1].name
+        return label, names
 
     def _store_label(self, image_id: str, image_path: str, label: np.ndarray, tag: str, info: dict) -> str:
         """Write the label file and the datastore index so that a kill at any moment leaves either
@@ -78,7 +122,13 @@ class SegVolLabels:
         label_dir = self._datastore.label_path(tag)
         os.makedirs(label_dir, exist_ok=True)
         name = self._filename(image_id, ".nii.gz")
-        tmp = _write_nifti_like(image_path, label, os.path.join(label_dir, f".{name}.{os.getpid()}.partial.nii.gz"))
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.nii.gz", dir=label_dir)
+        os.close(fd)  # a name of its own for each save, so concurrent saves never share a file
+        try:
+            _write_nifti_like(image_path, label, tmp)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         with FileLock(self._lock_file):
             os.replace(tmp, os.path.join(label_dir, name))
             obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=".nii.gz")
@@ -90,7 +140,7 @@ class SegVolLabels:
 
         def write() -> None:
             self._ignore_event_config = True
-            tmp = f"{self._datastore_config_path}.{os.getpid()}.partial"
+            tmp = f"{self._datastore_config_path}.{os.getpid()}.{uuid.uuid4().hex}.partial"
             with open(tmp, "w") as f:
                 f.write(json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str))
                 f.flush()
@@ -112,7 +162,9 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         image_path, label, _, info = self._prepare_label(image_id, label_filename, label_tag, label_info)
-        return self._store_label(image_id, image_path, label, label_tag, info)
+        stored = self._store_label(image_id, image_path, label, label_tag, info)
+        self._saved(image_id, label_tag, info)
+        return stored
 
 
 class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
@@ -174,21 +226,26 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         image_path, label, parts, info = self._prepare_label(image_id, label_filename, label_tag, label_info)
         if label_tag == DefaultLabelTag.FINAL:
             info.update(self._store_seg(image_id, label, parts, info))
-        return self._store_label(image_id, image_path, label, label_tag, info)
+        stored = self._store_label(image_id, image_path, label, label_tag, info)
+        self._saved(image_id, label_tag, info)
+        return stored
 
     def _store_seg(self, image_id: str, label: np.ndarray, parts: list[LabelPart], info: dict) -> dict:
         series_dir = Path(self._datastore.image_path()) / image_id
-        algorithms = {s["value"]: s["algorithm"] for s in info["segments"]}
-        segments = [Segment(p.value, p.name, p.category, algorithms[p.value]) for p in parts]
+        origins = {s["value"]: s for s in info["segments"]}
+        segments = [
+            Segment(p.value, p.name, p.category, origins[p.value]["type"], origins[p.value]["model_version"])
+            for p in parts
+        ]
         try:
-            seg_file = write_seg(label, series_dir, segments, self.service.version)
+            seg_file = write_seg(label, series_dir, segments, self.service.version, creator=info["client"])
         except SegError as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
         self.flush_pending()
         try:
             uid = self._upload(seg_file)
         except ConnectionError as e:
-            kept = self.pending / f"{image_id}-{int(time.time() * 1000)}.dcm"
+            kept = self.pending / f"{image_id}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.dcm"
             shutil.move(seg_file, kept)
             raise HTTPException(
                 status_code=503,
@@ -211,14 +268,56 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         cached = Path(self._datastore.label_path(DefaultLabelTag.FINAL)) / f"{image_id}.nii.gz"
         if cached.exists():
             return str(cached)
-        label_dir = Path(self._datastore.label_path(label_tag)) / label_id
-        if not label_dir.exists() or not any(label_dir.iterdir()):
-            dicom_web_download_series(None, label_id, str(label_dir), self._client, self._fetch_by_frame)
+        label, _ = self._seg_on_grid(image_id, label_id)
+        self._store_label(image_id, self.get_image_uri(image_id), label, label_tag, self._dicom_info(label_id))
+        return str(cached)
+
+    def _seg_on_grid(self, image_id: str, seg_series: str) -> tuple[np.ndarray, dict[int, str]]:
+        """A SEG series of the archive as a label map on the image's grid, and value -> name."""
         import SimpleITK as sitk
 
-        image_path = self.get_image_uri(image_id)
-        reference = sitk.ReadImage(image_path)
-        seg_file = next(label_dir.glob("*"))
-        label = read_seg(seg_file, reference, self.service.vocabulary)
-        self._store_label(image_id, image_path, label, label_tag, self._dicom_info(label_id))
-        return str(cached)
+        label_dir = Path(self._datastore.label_path(DefaultLabelTag.FINAL)) / seg_series
+        if not label_dir.exists() or not any(label_dir.iterdir()):
+            dicom_web_download_series(None, seg_series, str(label_dir), self._client, self._fetch_by_frame)
+        reference = sitk.ReadImage(self.get_image_uri(image_id))
+        try:
+            return read_seg(next(label_dir.glob("*")), reference, self.service.vocabulary)
+        except (SegError, StopIteration, ValueError) as e:
+            raise HTTPException(status_code=422, detail=f"SEG {seg_series} cannot be read onto {image_id}: {e}") from e
+
+    def history(self, image_id: str) -> list[dict]:
+        """Every SEG in the archive that references the image (ours and any other tool's), newest
+        first, with what this server recorded about its own (who saved it, from which results)."""
+        ours = {s["seg_series"]: s for s in super().history(image_id) if s.get("seg_series")}
+        matches = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        if not matches:
+            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the archive")
+        study = str(Dataset.from_json(matches[0])["StudyInstanceUID"].value)
+        out = []
+        for found in self._client.search_for_series(study, search_filters={"Modality": "SEG"}):
+            uid = str(Dataset.from_json(found)["SeriesInstanceUID"].value)
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(study, uid)[0])
+            refs = meta.get("ReferencedSeriesSequence") or []
+            if not refs or str(refs[0].SeriesInstanceUID) != image_id:
+                continue
+            when = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}"
+            entry = {
+                "seg_series": uid,
+                "archived": when,
+                "creator": str(meta.get("ContentCreatorName", "")),
+                "description": str(meta.get("SeriesDescription", "")),
+                "software": str(meta.get("SoftwareVersions", meta.get("Manufacturer", ""))),
+                "segments": [
+                    {"name": str(item.get("SegmentLabel", "")), "type": str(item.get("SegmentAlgorithmType", ""))}
+                    for item in meta.get("SegmentSequence", [])
+                ],
+            }
+            if uid in ours:
+                entry.update(ours[uid])
+            out.append(entry)
+        return sorted(out, key=lambda e: (e["archived"], e.get("time", "")), reverse=True)
+
+    def label_voxels(self, image_id: str, seg_series: str | None = None) -> tuple[np.ndarray, dict[int, str]]:
+        if seg_series is None:
+            return super().label_voxels(image_id)
+        return self._seg_on_grid(image_id, seg_series)

@@ -11,6 +11,7 @@ is written (no empty-slice dropping), so reading back gives the image grid exact
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import pydicom
 import pydicom_seg
 import SimpleITK as sitk
 
+from lib.identity import person_name
+from lib.params import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ ANATOMICAL_STRUCTURE = {
     "CodingSchemeDesignator": "SCT",
     "CodeMeaning": "Anatomical Structure",
 }
+ARTIFICIAL_INTELLIGENCE = ("123110", "DCM", "Artificial Intelligence")  # CID 7162, algorithm family
 
 
 class SegError(ValueError):
@@ -42,6 +46,7 @@ class Segment:
     name: str
     category: Category | None
     algorithm: str  # AUTOMATIC, SEMIAUTOMATIC or MANUAL
+    model_version: str | None = None  # the SegVol version whose result it is (or was edited from)
 
 
 def _code(d: dict | None) -> dict | None:
@@ -91,9 +96,15 @@ def _reference(series_dir: Path) -> tuple[sitk.Image, list[pydicom.Dataset]]:
 
 
 def write_seg(
-    label_ijk: np.ndarray, series_dir: Path, segments: list[Segment], model_version: str, out: Path | None = None
+    label_ijk: np.ndarray,
+    series_dir: Path,
+    segments: list[Segment],
+    model_version: str,
+    creator: str = "anonymous",
+    out: Path | None = None,
 ) -> Path:
-    """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``."""
+    """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``;
+    ``creator`` (the annotator) becomes ContentCreatorName."""
     ref, datasets = _reference(series_dir)
     if tuple(label_ijk.shape) != tuple(ref.GetSize()):
         raise SegError(f"label shape {label_ijk.shape} differs from the image shape {tuple(ref.GetSize())}")
@@ -107,7 +118,7 @@ def write_seg(
     seg_img.CopyInformation(ref)
     template = pydicom_seg.template.from_dcmqi_metainfo(
         {
-            "ContentCreatorName": "segvol-label",
+            "ContentCreatorName": person_name(creator),
             "ClinicalTrialSeriesID": "segvol-label",
             "ClinicalTrialTimePointID": "1",
             "SeriesDescription": f"SegVol {model_version}"[:64],
@@ -123,32 +134,61 @@ def write_seg(
         template=template, inplane_cropping=False, skip_empty_slices=False, skip_missing_segment=False
     )
     dcm = writer.write(seg_img, datasets)
-    out = out or Path(tempfile.mkstemp(suffix=".dcm")[1])
+    dcm.SoftwareVersions = f"segvol-label; SegVol {model_version}"[:64]
+    for item, s in zip(dcm.SegmentSequence, present):
+        if s.algorithm != "MANUAL":
+            item.SegmentationAlgorithmIdentificationSequence = [_algorithm(s.model_version or model_version)]
+    if out is None:
+        fd, name = tempfile.mkstemp(suffix=".dcm")
+        os.close(fd)
+        out = Path(name)
     dcm.save_as(str(out))
-    log.info("DICOM SEG %s: %s", out, ", ".join(f"{s.name}={s.value} ({s.algorithm})" for s in present))
+    log.info("DICOM SEG %s by %s: %s", out, creator, ", ".join(f"{s.name}={s.value} ({s.algorithm})" for s in present))
     return out
 
 
-def value_of(segment: pydicom.Dataset, vocabulary: Vocabulary) -> int:
-    """Our voxel value for a SEG segment: from its local code, else its label as a category name."""
+def _algorithm(version: str) -> pydicom.Dataset:
+    """Segmentation Algorithm Identification: SegVol and the model version that made the segment."""
+    family = pydicom.Dataset()
+    family.CodeValue, family.CodingSchemeDesignator, family.CodeMeaning = ARTIFICIAL_INTELLIGENCE
+    item = pydicom.Dataset()
+    item.AlgorithmFamilyCodeSequence = [family]
+    item.AlgorithmName = "SegVol"
+    item.AlgorithmVersion = version[:64]
+    return item
+
+
+def value_of(segment: pydicom.Dataset, vocabulary: Vocabulary) -> int | None:
+    """Our voxel value for a SEG segment: from its local code, else its label as a category name
+    (None: it names no category)."""
     code = segment.SegmentedPropertyTypeCodeSequence[0]
     if code.CodingSchemeDesignator == LOCAL_SCHEME and str(code.CodeValue).startswith("V"):
         return int(str(code.CodeValue)[1:])
     r = vocabulary.resolve(str(getattr(segment, "SegmentLabel", "")))
-    if r.category is None:
-        raise SegError(f"segment {segment.SegmentNumber} ({getattr(segment, 'SegmentLabel', '?')}) names no category")
-    return r.category.index
+    return r.category.index if r.category is not None else None
 
 
-def read_seg(seg_file: Path, reference: sitk.Image, vocabulary: Vocabulary) -> np.ndarray:
+def read_seg(seg_file: Path, reference: sitk.Image, vocabulary: Vocabulary) -> tuple[np.ndarray, dict[int, str]]:
     """A SEG as an (i, j, k) uint8 label map on the reference image's grid (nearest resampling, so a
-    SEG written by another tool on a cropped grid lands where it belongs)."""
+    SEG written by another tool on a cropped grid lands where it belongs), and value -> segment
+    label. Segments that name no category get free values from 224 on."""
     dcm = pydicom.dcmread(str(seg_file))
     result = pydicom_seg.SegmentReader().read(dcm)
     out = np.zeros(reference.GetSize(), np.uint8)
+    names: dict[int, str] = {}
+    free = iter(range(FIRST_FREE_VALUE, 256))
     for number in result.available_segments:
+        info = result.segment_infos[number]
+        label = str(getattr(info, "SegmentLabel", f"segment {number}"))
+        value = value_of(info, vocabulary)
+        if value is None:
+            value = next(free, None)
+            if value is None:
+                raise SegError(f"{seg_file}: too many segments that name no category")
+            log.info("%s: segment %d (%s) names no SegVol category: value %d", seg_file, number, label, value)
         seg_img = result.segment_image(number)
         on_grid = sitk.Resample(seg_img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         mask = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0) > 0
-        out[mask] = value_of(result.segment_infos[number], vocabulary)
-    return out
+        out[mask] = value
+        names[value] = label
+    return out, names

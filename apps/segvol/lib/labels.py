@@ -3,18 +3,18 @@ convention (voxel value = the /info label index of the category)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lib.params import FIRST_FREE_VALUE
 from segvol.io import ImageReadError, Volume, read_volume
 from segvol.vocabulary import Category, Vocabulary
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-FREE_VALUES = range(224, 256)
+FREE_VALUES = range(FIRST_FREE_VALUE, 256)
 
 
 class LabelError(ValueError):
@@ -32,10 +32,6 @@ def check_tag(tag: str) -> str:
     if not TAG.match(tag or ""):
         raise LabelError(f"label tag {tag!r} is not allowed (letters, digits, '_' and '-', up to 64)")
     return tag
-
-
-def mask_digest(mask: np.ndarray) -> str:
-    return hashlib.blake2b(np.packbits(mask.astype(bool)).tobytes(), digest_size=16).hexdigest()
 
 
 def read_upload(path: str | Path, image: Volume) -> np.ndarray:

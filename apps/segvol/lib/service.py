@@ -12,14 +12,16 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.labels import mask_digest
+from lib.leases import Leases
+from lib.provenance import Provenance
 from lib.settings import AppSettings
+from lib.store import TeamStore
 from lib.versions import BASE, VersionError, VersionStore
 from segvol.engine import SegVolPredictor, Target
 from segvol.finetune import trainable_state
@@ -48,6 +50,7 @@ class Segmentation:
     labelmap: np.ndarray  # uint8, the image grid, ``values[n]`` where target n won
     voxels: list[int]  # foreground voxels of each target's own mask
     timings: dict[str, float]
+    model_version: str  # the version that made it (a promotion may land right after)
 
 
 class SegVolService:
@@ -64,7 +67,15 @@ class SegVolService:
         self._ready = threading.Event()
         self.lock = threading.Lock()  # one model run at a time
         self._cached: tuple[tuple, Volume, str] | None = None  # (file identity, volume, content digest)
-        self._provenance: OrderedDict[str, dict[int, str]] = OrderedDict()  # image -> value -> mask digest
+        self.provenance: Provenance | None = None  # set by attach_store once the datastore is known
+        self.leases: Leases | None = None
+
+    def attach_store(self, path: Path) -> None:
+        """The team's shared state (leases, served results, saved labels) in the SQLite file ``path``."""
+        store = TeamStore(path)
+        self.provenance = Provenance(store)
+        self.leases = Leases(store, self.settings.lease_minutes)
+        log.info("team state (leases, provenance, history): %s", path)
 
     @property
     def warning(self) -> str | None:
@@ -164,24 +175,6 @@ class SegVolService:
         cached = self._cached
         return cached[2] if cached is not None and cached[1] is volume else digest(volume.array)
 
-    # ------------------------------------------------------------------ provenance
-    def remember(self, image_path: str, labelmap: np.ndarray, values: list[int]) -> None:
-        """Record what SegVol returned for each value, to tell later saves apart: AUTOMATIC
-        (unchanged), SEMIAUTOMATIC (edited) or MANUAL (never predicted)."""
-        key = os.path.realpath(image_path)
-        record = self._provenance.pop(key, {})
-        for v in set(values):
-            record[v] = mask_digest(labelmap == v)
-        self._provenance[key] = record
-        while len(self._provenance) > 64:
-            self._provenance.popitem(last=False)
-
-    def algorithm_type(self, image_path: str, value: int, mask: np.ndarray) -> str:
-        known = self._provenance.get(os.path.realpath(image_path), {}).get(value)
-        if known is None:
-            return "MANUAL"
-        return "AUTOMATIC" if known == mask_digest(mask) else "SEMIAUTOMATIC"
-
     def segment(
         self, volume: Volume, prompts: list[Prompt], values: list[int], zoom_in: bool | None = None
     ) -> Segmentation:
@@ -200,4 +193,5 @@ class SegVolService:
             }
             timings["post"] = round(time.perf_counter() - t1, 4)
             timings["total"] = round(time.perf_counter() - t0, 4)
-        return Segmentation(targets, labelmap, voxels, timings)
+            version = self.version
+        return Segmentation(targets, labelmap, voxels, timings, version)

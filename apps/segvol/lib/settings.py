@@ -39,6 +39,9 @@ HELP = {
     "train_every_minutes": "start a round on this schedule when there are new final labels (0: off)",
     "promote_min_gain": "held-out Dice must rise by more than this for a version to be served (0.0)",
     "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
+    "lease_minutes": "an image handed to one annotator is not handed to another for this long (30)",
+    "team_db": "the team's shared state (leases, served results, saved labels): an SQLite file "
+    "(default: .segvol/team.sqlite beside the datastore)",
 }
 
 
@@ -83,6 +86,8 @@ class AppSettings:
     train_every_minutes: float = 0.0
     promote_min_gain: float = 0.0
     promote_replay_margin: float = 0.1
+    lease_minutes: float = 30.0
+    team_db: Path | None = None
 
     @classmethod
     def from_conf(cls, conf: dict, model_dir: Path) -> AppSettings:
@@ -102,6 +107,7 @@ class AppSettings:
             "train_every_minutes",
             "promote_min_gain",
             "promote_replay_margin",
+            "lease_minutes",
         ):
             default = cls.__dataclass_fields__[key].default
             kind = type(default)
@@ -118,6 +124,8 @@ class AppSettings:
             raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
         if not 0 <= numbers["overlap"] < 1:
             raise ConfError(f"--conf overlap {conf['overlap']!r}: expected 0 <= overlap < 1")
+        if not numbers["lease_minutes"] > 0:
+            raise ConfError(f"--conf lease_minutes {conf['lease_minutes']!r}: expected a positive number")
         return cls(
             weights=conf.get("weights", "hub"),
             model_config=model_config,
@@ -127,6 +135,7 @@ class AppSettings:
             auto_labels=labels,
             model_dir=model_dir,
             versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),
+            team_db=Path(conf["team_db"]) if conf.get("team_db") else None,
             **numbers,
         )
 

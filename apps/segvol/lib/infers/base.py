@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
+from lib.identity import IdentityError, client_of
 from lib.params import PromptBuilder, Target, output_options
 from lib.service import SegVolService, ServiceUnavailable
 from segvol.engine import ImageTooLarge
@@ -45,10 +46,11 @@ class SegVolInferTask(InferTask):
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         try:
+            client = client_of(request)
             out = output_options(request)
             volume = self.service.read(request["image"])
             targets = self.targets(request, PromptBuilder(self.service.vocabulary, volume.array.shape))
-        except (PromptError, ImageError, ImageReadError) as e:
+        except (PromptError, ImageError, ImageReadError, IdentityError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
         values = [t.value for t in targets]
         try:
@@ -60,29 +62,42 @@ class SegVolInferTask(InferTask):
         except (PromptError, ImageError) as e:  # the engine's own checks: a text CLIP cannot take, NaNs, ...
             raise HTTPException(status_code=400, detail=str(e)) from e
         labelmap = seg.labelmap
-        self.service.remember(request["image"], labelmap, values)
         with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
             path = f.name
         write_like(volume, labelmap, path, compress=out.compress)
+        prompts = [
+            {
+                "name": t.name,
+                "value": t.value,
+                "text": t.sent,
+                "points": [list(p) for p in t.prompt.points] or None,
+                "point_labels": list(t.prompt.point_labels) or None,
+                "box": list(t.prompt.box) if t.prompt.box else None,
+                "voxels": voxels,
+                "model_space": seg_t.trace["model_space"],
+                "zoom_in_windows": len(seg_t.trace["zoom_in"]["windows"]) if seg_t.trace.get("zoom_in") else 0,
+            }
+            for t, voxels, seg_t in zip(targets, seg.voxels, seg.targets)
+        ]
         result = {
             "label_names": {t.name: t.value for t in targets},
-            "prompts": [
-                {
-                    "name": t.name,
-                    "value": t.value,
-                    "text": t.sent,
-                    "points": [list(p) for p in t.prompt.points] or None,
-                    "point_labels": list(t.prompt.point_labels) or None,
-                    "box": list(t.prompt.box) if t.prompt.box else None,
-                    "voxels": voxels,
-                    "model_space": seg_t.trace["model_space"],
-                    "zoom_in_windows": len(seg_t.trace["zoom_in"]["windows"]) if seg_t.trace.get("zoom_in") else 0,
-                }
-                for t, voxels, seg_t in zip(targets, seg.voxels, seg.targets)
-            ],
-            "model_version": self.service.version,
+            "prompts": prompts,
+            "model_version": seg.model_version,
+            "client_id": client,
             "timings": seg.timings,
         }
+        image_id = request.get("image_id")
+        if image_id and self.service.provenance is not None:
+            result["result_id"] = self.service.provenance.record(
+                image_id,
+                client,
+                seg.model_version,
+                request.get("model", self.type),
+                [{k: v for k, v in p.items() if k != "model_space"} for p in prompts],
+                labelmap,
+                {t.value: t.name for t in targets},
+                seg.timings.get("total", 0.0),
+            )
         if self.service.warning:
             result["warning"] = self.service.warning
         log.info(

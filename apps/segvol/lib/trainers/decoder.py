@@ -23,10 +23,21 @@ from monailabel.interfaces.tasks.train import TrainTask
 from tqdm import tqdm
 
 from lib.service import SegVolService
+from lib.trainers.progress import RUNNING, RoundProgress
 from segvol.finetune import DecoderTrainer, View, trainable_state, views_of
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
+
+
+def image_id_of(path: str) -> str:
+    """The datastore's id of an image file: its name without the volume extension (a series UID
+    on DICOMweb keeps its dots: "1.2.826....nii.gz" -> "1.2.826...")."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def _held_out(image_id: str) -> bool:
@@ -43,23 +54,37 @@ class SegVolDecoderTrainer(TrainTask):
         return {"steps": s.train_steps, "lr": s.train_lr}
 
     def stats(self) -> dict:
+        """The versions, the last round, and the keys OHIF's stock panel draws its bars from
+        (epoch / total_epochs while a round runs, total_time once it ended, best_metric = the
+        served version's held-out Dice), so that those bars tell the truth."""
         store = self.service.versions
         names = store.names()
         last = store.meta(names[-1]) if names else {}
-        return {"active": store.active(), "versions": names, "last_round": last}
+        out = {"active": store.active(), "versions": names, "last_round": last}
+        progress = RoundProgress(store.root).read()
+        if progress:
+            out["round"] = progress
+            if progress["state"] == RUNNING and progress["stage"] == "fine-tune":
+                out.update(epoch=progress["done"], total_epochs=progress["total"])
+            elif progress["state"] != RUNNING:
+                out["total_time"] = progress.get("finished")
+        active = store.active()
+        if active != "base" and active in names:
+            out["best_metric"] = store.meta(active).get("val_dice_after")
+        return out
 
     def labelled(self, datastore) -> list[tuple[str, str, str]]:
         """(image id, image path, label path) of every final label in the datastore."""
         out = []
         for item in datastore.datalist(full_path=True):
-            image_id = Path(item["image"]).name.split(".")[0]
-            out.append((image_id, item["image"], item["label"]))
+            out.append((image_id_of(item["image"]), item["image"], item["label"]))
         return out
 
-    def _views(self, predictor, items) -> list[View]:
+    def _views(self, predictor, items, progress: RoundProgress, done: int = 0, total: int = 0) -> list[View]:
         vocab = self.service.vocabulary
         views = []
-        for image_id, image_path, label_path in tqdm(items, desc="encoding views", unit="image"):
+        for n, (image_id, image_path, label_path) in enumerate(tqdm(items, desc="encoding views", unit="image")):
+            progress.update("encoding views", done + n, total)
             image = read_volume(image_path).array
             label = np.asarray(read_volume(label_path).array)
             for value in (int(v) for v in np.unique(label) if v):
@@ -78,14 +103,22 @@ class SegVolDecoderTrainer(TrainTask):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return {"status": "skipped", "reason": "another round is running"}
-            return self._round(request, datastore)
+            progress = RoundProgress(store.root)
+            try:
+                result = self._round(request, datastore, progress)
+            except BaseException as e:
+                progress.fail(f"{type(e).__name__}: {e}")
+                raise
+            progress.finish(result)
+            return result
 
-    def _round(self, request: dict, datastore) -> dict:
+    def _round(self, request: dict, datastore, progress: RoundProgress) -> dict:
         t0 = time.time()
         s = self.service.settings
         steps = int(request.get("steps", s.train_steps))
         lr = float(request.get("lr", s.train_lr))
         items = self.labelled(datastore)
+        progress.start(len(items), steps)
         if not items:
             return {"status": "skipped", "reason": "no final labels in the datastore"}
         held = [it for it in items if _held_out(it[0])] or items[-1:]
@@ -101,7 +134,10 @@ class SegVolDecoderTrainer(TrainTask):
         self.service.load()
         predictor = self.service.wait()
         previous = self.service.version
-        train_views, val_views = self._views(predictor, train), self._views(predictor, held)
+        n = len(items)
+        train_views = self._views(predictor, train, progress, 0, n)
+        val_views = self._views(predictor, held, progress, len(train), n)
+        progress.update("measuring", 0, 1)
         if not train_views:
             return {"status": "skipped", "reason": "the final labels name no SegVol category"}
         trainer = DecoderTrainer(predictor, lr=lr, seed=int(request.get("seed", 0)))
@@ -110,17 +146,22 @@ class SegVolDecoderTrainer(TrainTask):
         replay = trainer.replay_views(train_views + val_views, others)
         before = trainer.mean_dice(val_views)
         bar = tqdm(total=steps, desc="fine-tune", unit="step")
-        losses = trainer.train(
-            train_views,
-            steps,
-            replay=replay,
-            progress=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
-        )
+
+        def step(i: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            progress.update("fine-tune", i, steps)
+
+        losses = trainer.train(train_views, steps, replay=replay, progress=step)
         bar.close()
+        progress.update("measuring", 0, 1)
         after = trainer.mean_dice(val_views)
         replay_dice = trainer.mean_dice(replay) if replay else 1.0
         gain_ok = after > before + s.promote_min_gain
         replay_ok = replay_dice >= 1 - s.promote_replay_margin
+        why = [] if gain_ok else [f"held-out Dice {before:.3f} -> {after:.3f} did not rise"]
+        why += [] if replay_ok else [f"replay Dice {replay_dice:.3f} below {1 - s.promote_replay_margin:.2f}"]
+        status = "rejected: " + "; ".join(why) if why else "promoted"
         meta = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "base": self.service.base_version,
@@ -136,16 +177,12 @@ class SegVolDecoderTrainer(TrainTask):
             "val_dice_before": before,
             "val_dice_after": after,
             "replay_dice": replay_dice,
+            "status": status,
             "seconds": round(time.time() - t0, 1),
         }
         store = self.service.versions
         name = store.write(trainable_state(predictor.model), meta)
-        if gain_ok and replay_ok:
+        if not why:
             store.activate(name, f"held-out Dice {before:.3f} -> {after:.3f}, replay {replay_dice:.3f}")
-            status = "promoted"
-        else:
-            why = [] if gain_ok else [f"held-out Dice {before:.3f} -> {after:.3f} did not rise"]
-            why += [] if replay_ok else [f"replay Dice {replay_dice:.3f} below 1 - {s.promote_replay_margin}"]
-            status = "rejected: " + "; ".join(why)
         log.info("round %s: %s (%.1f s)", name, status, time.time() - t0)
-        return dict(meta, version=name, status=status)
+        return dict(meta, version=name)

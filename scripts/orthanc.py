@@ -2,7 +2,9 @@
 """Orthanc (with its DICOMweb plugin) as segvol-label's DICOMweb server, on loopback.
 
   python scripts/orthanc.py start [--port 8042] [--dir build/orthanc] [--user U --password P]
-  python scripts/orthanc.py load  [--port 8042] [...]    sample-datastore CTs as DICOM series
+  python scripts/orthanc.py load  [--port 8042] [--studies FOLDER] [...]
+                                           every CT (.nii.gz, HU) of FOLDER (default sample-datastore)
+                                           as a DICOM series
   python scripts/orthanc.py stop  [--dir build/orthanc]
 Orthanc comes from Debian (apt-get install orthanc orthanc-dicomweb); its data stays in --dir.
 """
@@ -119,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path(os.environ.get("SEGVOL_ORTHANC_DIR", ROOT / "build" / "orthanc")))
     p.add_argument("--user", default=os.environ.get("MONAI_LABEL_DICOMWEB_USERNAME"))
     p.add_argument("--password", default=os.environ.get("MONAI_LABEL_DICOMWEB_PASSWORD"))
+    p.add_argument("--studies", type=Path, default=ROOT / "sample-datastore", help="folder of CTs to load")
     a = p.parse_args(argv)
     if a.action == "start":
         start(a.port, a.dir, a.user, a.password)
         print(f"Orthanc on http://127.0.0.1:{a.port} (DICOMweb: /dicom-web), data in {a.dir}")
     elif a.action == "load":
-        for name, uid in load_samples(a.port, a.dir, a.user, a.password).items():
+        for name, uid in load_samples(a.port, a.dir, a.user, a.password, studies=a.studies).items():
             print(f"{name}: SeriesInstanceUID {uid}")
     else:
         stop(a.dir)

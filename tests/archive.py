@@ -20,13 +20,14 @@ USER, PASSWORD = "annotator", "s3cret"
 
 
 class Archive:
-    def __init__(self, folder, port: int | None = None):
+    def __init__(self, folder, port: int | None = None, studies=ROOT / "sample-datastore"):
+        """Orthanc with every CT of ``studies`` (NIfTI) as a DICOM series (name -> series UID)."""
         if not shutil.which("Orthanc"):
             pytest.fail("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb; scripts/setup.sh does)")
         self.folder, self.port = folder, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
-        self.series = orthanc.load_samples(self.port, self.folder, USER, PASSWORD)
+        self.series = orthanc.load_samples(self.port, self.folder, USER, PASSWORD, studies=studies)
 
     def start(self):
         self.proc = orthanc.start(self.port, self.folder, USER, PASSWORD)
@@ -38,8 +39,8 @@ class Archive:
     def get(self, path, **kw):
         return requests.get(self.url + path, auth=(USER, PASSWORD), timeout=30, **kw)
 
-    def segs(self) -> list[pydicom.Dataset]:
-        """Every SEG instance in the archive, oldest first."""
+    def segs(self, series: str | None = None) -> list[pydicom.Dataset]:
+        """Every SEG instance in the archive (referencing ``series``, if given), oldest first."""
         found = requests.post(
             f"{self.url}/tools/find",
             auth=(USER, PASSWORD),
@@ -47,7 +48,13 @@ class Archive:
             json={"Level": "Instance", "Query": {"Modality": "SEG"}},
         ).json()
         segs = [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
+        if series is not None:
+            segs = [d for d in segs if d.ReferencedSeriesSequence[0].SeriesInstanceUID == series]
         return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
+
+    def study_of(self, series: str) -> str:
+        found = self.get("/dicom-web/series", params={"SeriesInstanceUID": series}).json()
+        return found[0]["0020000D"]["Value"][0]
 
 
 def dicomweb_server(url: str, work, **conf: str):

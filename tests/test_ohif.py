@@ -1,5 +1,6 @@
 """OHIF (bundled with MONAI Label) in a real headless Chromium (Debian's), on Orthanc via
-MONAI Label's DICOMweb proxy: study list, monai-label mode, class prompt and point prompt.
+MONAI Label's DICOMweb proxy: study list, the stock monai-label mode, class prompt and point
+prompt. The SegVol mode (editing, saving, next image, two annotators): test_ohif_team.py.
 
 Assertions are on the segmentation the page holds (OHIF's labelmap volume), compared with what
 the server returns for the very request the page sent. Screenshots go to
@@ -150,33 +151,3 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     counts = page.evaluate(LABELMAP_COUNTS)
     expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
     assert counts["counts"] == {segment: expected}
-
-
-def test_the_save_button_sends_the_pages_labelmap_to_the_archive(stack):
-    """The bundled OHIF's monai-label mode has no save action and its own "Export DICOM SEG"
-    fails in this build (INFRA.md). The app adds a "Save label" button (apps/segvol/static/
-    save-label.js, served with OHIF's app-config.js) that uploads the page's labelmap; here the
-    annotator erases the top slices, then clicks it."""
-    archive, srv, page = stack
-    before = len(archive.segs())
-    voxels = page.evaluate(
-        """() => {
-        const vm = window.services.segmentationService.getLabelmapVolume('1').voxelManager;
-        const data = vm.getCompleteScalarDataArray();
-        for (let i = 40 * 512 * 512; i < data.length; i++) data[i] = 0;
-        vm.setCompleteScalarDataArray(data);
-        return data.filter(v => v).length;
-    }"""
-    )
-    button = page.locator("#segvol-save-label")
-    with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as resp:
-        button.click()
-    assert resp.value.status == 200, resp.value.text()
-    page.get_by_text("Saved to the archive").wait_for(timeout=10_000)
-    page.screenshot(path=str(ARTIFACTS / "5-saved.png"))
-    segs = archive.segs()
-    assert len(segs) == before + 1
-    (segment,) = segs[-1].SegmentSequence
-    assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
-    frames = segs[-1].pixel_array  # (48, 512, 512): every slice, so frame k is slice k
-    assert int(frames.sum()) == voxels and not frames[40:].any()

@@ -1,4 +1,6 @@
-"""The ASGI app: MONAI Label's, with errors a client causes answered as 4xx with a message.
+"""The ASGI app: MONAI Label's, with errors a client causes answered as 4xx with a message, the
+SegVol mode for OHIF, and the team workspace's routes (next image with leases, status, label
+history).
 
 Run through MONAI Label's launcher: ``--uvicorn_app server:app`` (apps/segvol on PYTHONPATH).
 """
@@ -6,14 +8,28 @@ Run through MONAI Label's launcher: ``--uvicorn_app server:app`` (apps/segvol on
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Annotated
 
 import monailabel
-from fastapi import HTTPException, Request
+import numpy as np
+from fastapi import Depends, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
+from monailabel.config import settings
+from monailabel.endpoints.activelearning import sample
+from monailabel.endpoints.user.auth import RBAC, User, from_token
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.utils import processes
+
+from lib.identity import IdentityError, client_of, current_user
+from lib.trainers.progress import RUNNING, RoundProgress
+
+NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
+SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
 @app.exception_handler(json.JSONDecodeError)
@@ -38,16 +54,110 @@ async def monailabel_error(request: Request, exc: MONAILabelException) -> JSONRe
     return JSONResponse(status_code=status, content={"detail": exc.msg})
 
 
+@app.middleware("http")
+async def identify(request: Request, call_next):
+    """With MONAI Label's authentication on, the signed-in user is who asks (lib/identity.py);
+    a bad token is left to MONAI Label's own check, which answers 401."""
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        header = request.headers.get("authorization", "")
+        user = None
+        if header.lower().startswith("bearer "):
+            try:
+                user = from_token(header[7:].strip()).username
+            except Exception:  # an invalid or expired token: RBAC refuses the request
+                user = None
+        current_user.set(user)
+    return await call_next(request)
+
+
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
-SAVE_BUTTON = Path(__file__).parent / "static" / "save-label.js"
+SEGVOL_MODE = Path(__file__).parent / "static" / "segvol-mode.js"
+SignedIn = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 
 
 @app.get("/ohif/app-config.js", include_in_schema=False)
 def ohif_config() -> Response:
-    """OHIF's configuration, plus the script that adds a "Save label" button to the monai-label mode."""
-    return Response(OHIF_CONFIG.read_text() + "\n" + SAVE_BUTTON.read_text(), media_type="application/javascript")
+    """OHIF's configuration, plus the SegVol mode (static/segvol-mode.js)."""
+    return Response(OHIF_CONFIG.read_text() + "\n" + SEGVOL_MODE.read_text(), media_type="application/javascript")
 
 
-app.router.routes.insert(0, app.router.routes.pop())  # ahead of MONAI Label's catch-all /ohif/{path}
+@app.post("/activelearning/{strategy}", summary="Next image for this client, leased to it")
+def next_image(strategy: str, user: SignedIn, params: dict | None = None) -> dict:
+    """MONAI Label's next sample, run off the event loop (a strategy may encode images), through
+    the app's leases; when nothing is left, a message that says so."""
+    return sample(strategy, params, user.username) or {"message": NOTHING_LEFT}
+
+
+def _client(client_id: str | None) -> str:
+    try:
+        return client_of({"client_id": client_id})
+    except IdentityError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from e
+
+
+def _image(image: str) -> str:
+    instance = app_instance()
+    if not instance._known_image(instance.datastore(), image):
+        raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
+    return image
+
+
+@app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
+def status(user: SignedIn, client_id: str | None = None, image: str | None = None) -> dict:
+    instance = app_instance()
+    service = instance.service
+    client = _client(client_id)
+    if service.lock.acquire(blocking=False):  # a promotion shows at once, unless a request is running
+        try:
+            service.sync_version()
+        finally:
+            service.lock.release()
+    versions = service.versions
+    names = versions.names()
+    leases = service.leases
+    lease = leases.held_by(client) if leases else None
+    others = leases.of_others(client).get(image, []) if leases and image else []
+    provenance = service.provenance
+    round_ = RoundProgress(versions.root).read()
+    last = (round_ or {}).get("result") or (dict(versions.meta(names[-1]), version=names[-1]) if names else None)
+    running = [p.pid for p in processes("train").values()]
+    if running and (round_ or {}).get("pid") not in running:  # a round's process that has not written yet
+        round_ = {"state": RUNNING, "stage": "starting", "done": 0, "total": 0, "pid": running[0]}
+    return {
+        "model_version": service.version,
+        "active": versions.active(),
+        "client": client,
+        "lease": lease.as_json(leases.clock()) if lease else None,
+        "image_held_by": [other.as_json(leases.clock()) for other in others],
+        "last_result": provenance.last_result(client=client, image=image) if provenance else None,
+        "round": round_,
+        "last_round": last,
+        "warning": service.warning,
+        "error": service.error,
+    }
+
+
+@app.get("/segvol/labels", summary="Every label saved for an image, newest first (the archive's SEGs)")
+def label_history(image: str, user: SignedIn) -> list[dict]:
+    return app_instance().datastore().history(_image(image))
+
+
+@app.get("/segvol/labels/voxels", summary="A saved label on the image grid: raw uint8, Fortran order")
+def label_voxels(image: str, user: SignedIn, seg: str | None = None) -> Response:
+    """The image's final label, or the SEG series ``seg``, as OHIF's labelmap layout (index
+    i + nx*j + nx*ny*k) with values = /info label indices; header X-SegVol-Labels: value -> name."""
+    if seg is not None and not SERIES_UID.match(seg):
+        raise HTTPException(status_code=400, detail=f"seg {seg!r} is not a DICOM UID")
+    label, names = app_instance().datastore().label_voxels(_image(image), seg)
+    return Response(
+        np.asarray(label, np.uint8).tobytes(order="F"),
+        media_type="application/octet-stream",
+        headers={"X-SegVol-Labels": json.dumps({str(k): v for k, v in sorted(names.items())})},
+    )
+
+
+# ahead of MONAI Label's own routes (its /activelearning and the /ohif/{path} catch-all)
+ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in (ohif_config, next_image)]
+app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
 
 __all__ = ["app"]

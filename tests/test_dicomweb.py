@@ -4,6 +4,8 @@ MONAI Label server process, MONAILabelClient as 3D Slicer uses it."""
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import nrrd
 import numpy as np
@@ -133,6 +135,81 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(server, archive, tmp_path
             client.save_label(image, str(tmp_path / name), tag=tag)
         assert message in str(e.value)
     assert len(archive.segs()) == before
+
+
+def test_a_seg_from_another_tool_is_listed_and_opens_on_the_image_grid(server, archive, tmp_path):
+    """A SEG written by another tool (here pydicom-seg with in-plane cropping and empty slices
+    dropped, as dcmqi writes them), stored with STOW-RS: the history lists it and its voxels come
+    back on the CT's grid, a segment naming no SegVol category under a free value."""
+    import pydicom
+    import pydicom_seg
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    from archive import PASSWORD, USER
+
+    image_id = archive.series["lung1"]
+    files = sorted((archive.folder / "dicom" / "lung1").glob("*.dcm"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    ct = reader.Execute()
+    label = np.zeros((512, 512, 48), np.uint8)  # (i, j, k)
+    label[300:340, 200:260, 10:14] = 1  # spleen
+    label[100:120, 100:110, 30:31] = 2  # something SegVol has no name for
+    seg_img = sitk.GetImageFromArray(label.transpose(2, 1, 0))
+    seg_img.CopyInformation(ct)
+    code = {"CodingSchemeDesignator": "SCT", "CodeValue": "78961009", "CodeMeaning": "Spleen"}
+    other = {"CodingSchemeDesignator": "99TEST", "CodeValue": "X1", "CodeMeaning": "Mystery"}
+    category = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
+    template = pydicom_seg.template.from_dcmqi_metainfo(
+        {
+            "ContentCreatorName": "Other^Tool",
+            "SeriesDescription": "another tool",
+            "SeriesNumber": "42",
+            "InstanceNumber": "1",
+            "segmentAttributes": [
+                [
+                    {
+                        "labelID": 1,
+                        "SegmentLabel": "spleen",
+                        "SegmentAlgorithmType": "MANUAL",
+                        "SegmentedPropertyCategoryCodeSequence": category,
+                        "SegmentedPropertyTypeCodeSequence": code,
+                    },
+                    {
+                        "labelID": 2,
+                        "SegmentLabel": "mystery blob",
+                        "SegmentAlgorithmType": "MANUAL",
+                        "SegmentedPropertyCategoryCodeSequence": category,
+                        "SegmentedPropertyTypeCodeSequence": other,
+                    },
+                ]
+            ],
+        }
+    )
+    writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=True, skip_empty_slices=True)
+    dcm = writer.write(seg_img, [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files])
+    assert int(dcm.NumberOfFrames) == 5 and int(dcm.Rows) < 512  # cropped, empty slices dropped
+    web = DICOMwebClient(f"{archive.url}/dicom-web", session=create_session_from_user_pass(USER, PASSWORD))
+    web.store_instances([dcm])
+
+    history = requests.get(f"{server.url}/segvol/labels", params={"image": image_id}, timeout=60).json()
+    (theirs,) = [h for h in history if h["seg_series"] == str(dcm.SeriesInstanceUID)]
+    assert theirs["creator"] == "Other^Tool" and "client" not in theirs  # not saved through this server
+    assert theirs["segments"] == [{"name": "spleen", "type": "MANUAL"}, {"name": "mystery blob", "type": "MANUAL"}]
+    r = requests.get(
+        f"{server.url}/segvol/labels/voxels", params={"image": image_id, "seg": str(dcm.SeriesInstanceUID)}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    from segvol.vocabulary import default_vocabulary
+
+    spleen = default_vocabulary().resolve("spleen").category.index
+    assert json.loads(r.headers["X-SegVol-Labels"]) == {str(spleen): "spleen", "224": "mystery blob"}
+    got = np.frombuffer(r.content, np.uint8).reshape((512, 512, 48), order="F")
+    expected = np.where(label == 1, spleen, np.where(label == 2, 224, 0))
+    np.testing.assert_array_equal(got, expected)
+    r = requests.get(f"{server.url}/segvol/labels/voxels", params={"image": image_id, "seg": "../x"}, timeout=60)
+    assert r.status_code == 400
 
 
 def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):

@@ -42,11 +42,16 @@ LABELMAP_COUNTS = """() => {
 }"""
 
 
+def chromium() -> str:
+    """Debian's Chromium (never Playwright's download)."""
+    path = shutil.which("chromium")
+    if not path:
+        pytest.fail("Debian's chromium is not installed (SEGVOL_BROWSER=1 bash scripts/setup.sh installs it)")
+    return path
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    chromium = shutil.which("chromium")
-    if not chromium:
-        pytest.fail("Debian's chromium is not installed (SEGVOL_BROWSER=1 bash scripts/setup.sh installs it)")
     work = tmp_path_factory.mktemp("ohif")
     archive = Archive(work / "orthanc")
     srv = dicomweb_server(archive.url, work, zoom_in="false")
@@ -55,7 +60,7 @@ def stack(tmp_path_factory):
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.sent = []
             page.on("request", lambda r: page.sent.append(r) if "/infer/" in r.url else None)

@@ -98,11 +98,11 @@ class SegVolApp(MONAILabelApp):
     def init_strategies(self) -> dict:
         """``uncertainty`` first: OHIF's panel and our Next image use the first as the default."""
         from monailabel.tasks.activelearning.first import First
-        from monailabel.tasks.activelearning.random import Random
 
+        from lib.activelearning.random_strategy import RandomStrategy
         from lib.activelearning.uncertainty import Uncertainty
 
-        return {"uncertainty": Uncertainty(self.service), "random": Random(), "first": First()}
+        return {"uncertainty": Uncertainty(self.service), "random": RandomStrategy(), "first": First()}
 
     def next_sample(self, request: dict) -> dict:
         """The strategy's pick among the images no other annotator holds, leased to the asking

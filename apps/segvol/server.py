@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Annotated
 
+import jwt
 import monailabel
+import monailabel.endpoints.user.auth as auth
 import numpy as np
 from fastapi import Depends, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -20,13 +22,13 @@ from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints.activelearning import sample
-from monailabel.endpoints.user.auth import RBAC, User, from_token
+from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.utils import processes
 
-from lib.identity import IdentityError, client_of, current_user
-from lib.trainers.progress import RUNNING, RoundProgress
+# The app's own modules (lib.*) are imported inside the functions: MONAI Label reloads the app's
+# lib package when it loads the app, so a module object taken here would be a stale twin.
 
 NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -54,6 +56,30 @@ async def monailabel_error(request: Request, exc: MONAILabelException) -> JSONRe
     return JSONResponse(status_code=status, content={"detail": exc.msg})
 
 
+def from_token(token: str) -> User:
+    """The user a bearer token names, checked against the realm's public key.
+
+    MONAI Label 0.8.5's own check calls ``jwt.decode`` without ``algorithms``, which the PyJWT 2 it
+    requires refuses, so every token was answered 401. Same claims and role path
+    (``MONAI_LABEL_AUTH_TOKEN_*``), with RS256, the algorithm of Keycloak's realm keys."""
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return auth.DEFAULT_USER
+    key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+    claims = jwt.decode(token, key, algorithms=["RS256"], options={"verify_aud": False})
+    roles = claims
+    for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
+        roles = roles.get(part) if isinstance(roles, dict) else None
+    return User(
+        username=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME),
+        email=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
+        name=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
+        roles=roles if isinstance(roles, list) else [],
+    )
+
+
+auth.from_token = from_token  # MONAI Label's RBAC looks it up at every request
+
+
 @app.middleware("http")
 async def identify(request: Request, call_next):
     """With MONAI Label's authentication on, the signed-in user is who asks (lib/identity.py);
@@ -66,6 +92,8 @@ async def identify(request: Request, call_next):
                 user = from_token(header[7:].strip()).username
             except Exception:  # an invalid or expired token: RBAC refuses the request
                 user = None
+        from lib.identity import current_user
+
         current_user.set(user)
     return await call_next(request)
 
@@ -89,6 +117,8 @@ def next_image(strategy: str, user: SignedIn, params: dict | None = None) -> dic
 
 
 def _client(client_id: str | None) -> str:
+    from lib.identity import IdentityError, client_of
+
     try:
         return client_of({"client_id": client_id})
     except IdentityError as e:
@@ -104,6 +134,8 @@ def _image(image: str) -> str:
 
 @app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
 def status(user: SignedIn, client_id: str | None = None, image: str | None = None) -> dict:
+    from lib.trainers.progress import RUNNING, RoundProgress
+
     instance = app_instance()
     service = instance.service
     client = _client(client_id)

@@ -121,7 +121,7 @@ def write_seg(
             "ContentCreatorName": person_name(creator),
             "ClinicalTrialSeriesID": "segvol-label",
             "ClinicalTrialTimePointID": "1",
-            "SeriesDescription": f"SegVol {model_version}"[:64],
+            "SeriesDescription": f"SegVol {model_version} by {creator}"[:64],
             "SeriesNumber": "300",
             "InstanceNumber": "1",
             "BodyPartExamined": "",

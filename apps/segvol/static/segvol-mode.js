@@ -385,13 +385,20 @@
       }
     }
     const panel = document.querySelector('.monaiLabelPanel');
-    if (panel && !panel.querySelector('.subtitle') && !panel.dataset.segvolConnecting) {
-      panel.dataset.segvolConnecting = '1';
+    const tried = Number(panel?.dataset.segvolConnected || 0);
+    if (panel && !panel.querySelector('.subtitle') && Date.now() - tried > 10000) {
+      panel.dataset.segvolConnected = String(Date.now()); // again in 10 s if the server did not answer
       const input = panel.querySelector('#monailabelServerURL');
-      if (input) input.value = location.origin + '/';
+      if (input) input.value = serverUrl();
       panel.querySelector('table.settingsTable button.actionButton')?.click();
     }
   }
+
+  // The MONAI Label panel talks to the server in this cookie (it reads it when it mounts, and its
+  // first connect uses it): the server that serves this page.
+  const serverUrl = () => location.origin + '/';
+  const pointPanelAtUs = () => (document.cookie = 'MONAILABEL_SERVER_URL=' + escape(serverUrl()));
+  if (onSegVolPage()) pointPanelAtUs();
 
   // A change is recorded once it settles: not while the mouse is down (a stroke in progress).
   let settleTimer = null;
@@ -794,6 +801,7 @@
         toolbarService.createButtonSection('primary', ['WindowLevel', 'Pan', 'Zoom', 'Layout', 'Crosshairs']);
         toolbarService.createButtonSection('segmentationToolbox', ['BrushTools', 'Shapes']);
         hideStockActiveLearning();
+        pointPanelAtUs();
         watchEdits();
         workspace.upkeep = setInterval(upkeep, 700);
       },

@@ -545,7 +545,11 @@
       s.error ? h('div', { style: { color: '#f88' } }, s.error) : null,
       row(
         'Your image:',
-        s.lease ? `held by you for ${Math.ceil(s.lease.seconds_left / 60)} min more` : 'none leased',
+        !s.lease
+          ? 'none leased'
+          : s.lease.image === currentSeries()?.series
+            ? `held by you for ${Math.ceil(s.lease.seconds_left / 60)} min more`
+            : `you hold another image (${s.lease.image.slice(-12)}) for ${Math.ceil(s.lease.seconds_left / 60)} min`,
         'segvol-lease'
       ),
       (s.image_held_by || []).length
@@ -623,8 +627,9 @@
     const data = `Trained on ${labels.length - held} image(s), measured on ${held} held-out; ${r.steps} steps in ${r.seconds} s.`;
     const scores = `held-out Dice ${dice(r.val_dice_before)} → ${dice(r.val_dice_after)}, replay Dice ${dice(r.replay_dice)}`;
     if (r.status === 'promoted') return `${r.version} promoted, served from the next prompt: ${scores}. ${data}`;
-    const why = (r.status || '').replace(/^rejected: /, '');
-    return `${r.version} rejected (${why || 'not promoted'}): ${scores}. ${data}`;
+    const why = (r.status || 'not promoted').replace(/^rejected: /, '');
+    const heldOut = why.includes('held-out') ? '' : `; held-out Dice ${dice(r.val_dice_before)} → ${dice(r.val_dice_after)}`;
+    return `${r.version} rejected, not served: ${why}${heldOut}. ${data}`;
   }
 
   // ------------------------------------------------------------------ tools and buttons

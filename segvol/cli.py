@@ -1,4 +1,5 @@
-"""``python -m segvol``: segment a CT from the command line, list the categories."""
+"""``python -m segvol``: segment a CT from the command line, list the categories, time the stages,
+inspect and switch the fine-tuned decoder versions a server serves."""
 
 from __future__ import annotations
 
@@ -113,6 +114,25 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("categories", help="list the categories SegVol was trained with")
     c.add_argument("--search", default="", help="only names or synonyms containing this text")
     c.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser(
+        "versions",
+        help="list, show, activate or roll back fine-tuned decoder versions",
+        description="The versions a server's fine-tune rounds wrote (its --conf versions_dir). The "
+        "server serves the one named in ACTIVE and checks it before every request, so activate and "
+        "rollback take effect at its next request, with no restart.",
+        epilog="  python -m segvol versions list --dir apps/segvol/model/versions\n"
+        "  python -m segvol versions show v0003\n"
+        "  python -m segvol versions activate v0002 --reason 'v0003 misses small livers'\n"
+        "  python -m segvol versions rollback",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.add_argument("action", choices=("list", "show", "activate", "rollback"))
+    v.add_argument("name", nargs="?", help="a version (vNNNN) or 'base', for show and activate")
+    v.add_argument(
+        "--dir", type=Path, default=Path("apps/segvol/model/versions"), help="the versions folder (the app's default)"
+    )
+    v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
     return p
 
 
@@ -224,6 +244,49 @@ def cmd_categories(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(a: argparse.Namespace) -> int:
+    from segvol.versions import BASE, VersionError, VersionStore
+
+    if not a.dir.is_dir():
+        raise VersionError(f"no versions folder {a.dir} (give the server's --conf versions_dir with --dir)")
+    store = VersionStore(a.dir)
+    active = store.active()
+    if a.action == "list":
+        head = f"{'':2}{'version':8}  {'written':19}  {'train/held':>10}  {'held-out Dice':>15}  {'replay':>6}"
+        print(head + "  decision")
+        print(f"{'*' if active == BASE else ' '} {'base':8}  {'':19}  {'':>10}  {'':>15}  {'':>6}  the loaded weights")
+        for name in store.names():
+            m = store.meta(name)
+            labels = m.get("labels", [])
+            held = sum(1 for x in labels if x.get("held_out"))
+            dice = f"{m.get('val_dice_before', float('nan')):.3f}->{m.get('val_dice_after', float('nan')):.3f}"
+            split = f"{len(labels) - held}/{held}"
+            print(
+                f"{'*' if active == name else ' '} {name:8}  {m.get('written', ''):19}  {split:>10}  {dice:>15}  "
+                f"{m.get('replay_dice', float('nan')):6.3f}  {m.get('status', '?')}"
+            )
+        return 0
+    if a.action == "show":
+        name = a.name or active
+        if name == BASE:
+            print(json.dumps({"name": BASE, "active": active == BASE}, indent=1))
+        else:
+            print(json.dumps(dict(store.meta(name), active=active == name), indent=1))
+        for event in store.history():
+            if name in (event["from"], event["to"]):
+                print(f"{event['time']}  {event['from']} -> {event['to']}  {event['reason']}")
+        return 0
+    if a.action == "activate":
+        if not a.name:
+            raise VersionError("activate needs a version name (vNNNN) or 'base'")
+        store.activate(a.name, a.reason or f"activated with python -m segvol versions (was {active})")
+        print(f"{a.name} is active (was {active}); the server serves it from its next request")
+        return 0
+    name = store.rollback(a.reason or f"rolled back with python -m segvol versions (was {active})")
+    print(f"{name} is active again (was {active}); the server serves it from its next request")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(
@@ -234,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     from segvol.errors import USER_ERRORS
 
     try:
-        return {"segment": cmd_segment, "categories": cmd_categories, "bench": cmd_bench}[a.command](a)
+        commands = {"segment": cmd_segment, "categories": cmd_categories, "bench": cmd_bench, "versions": cmd_versions}
+        return commands[a.command](a)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

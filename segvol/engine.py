@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segvol.embedding_store import EmbeddingStore
 from segvol.labelmap import combine
 from segvol.model import SegVol
 from segvol.preprocess import ImageError, PreparedImage, check_volume, digest, prepare, to_image_grid
@@ -227,6 +228,7 @@ class SegVolPredictor:
         self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
         self.timings: dict[str, float] = defaultdict(float)
         self._text_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self.store: EmbeddingStore | None = None  # encodings on disk as well (fine-tune rounds set one)
         self.reset_image()
 
     # ------------------------------------------------------------------ image
@@ -311,9 +313,21 @@ class SegVolPredictor:
     def zoom_out_embedding(self) -> torch.Tensor:
         image = self._require_image()
         if self._entry.zoom_out is None:
-            (self._entry.zoom_out,) = self._encode([image.zoom_out])
+            (self._entry.zoom_out,) = self._encode_stored([image.zoom_out], ["zoom-out"])
             self._evict()
         return self._entry.zoom_out
+
+    def _encode_stored(self, volumes: list[torch.Tensor], names: list[object]) -> list[torch.Tensor]:
+        """``_encode``, reading and writing ``store`` where there is one."""
+        if self.store is None:
+            return self._encode(volumes)
+        key = self._require_image().key
+        out = [self.store.get(key, name) for name in names]
+        missing = [i for i, emb in enumerate(out) if emb is None]
+        for i, emb in zip(missing, self._encode([volumes[i] for i in missing])):
+            self.store.put(key, names[i], emb)
+            out[i] = emb
+        return [emb.to(self.device) for emb in out]
 
     @torch.no_grad()
     def text_embedding(self, name: str) -> tuple[torch.Tensor, list[int]]:
@@ -400,7 +414,7 @@ class SegVolPredictor:
         windows = self._entry.windows
         missing = list(dict.fromkeys(k for k in keys if k not in windows))
         if missing:
-            for key, emb in zip(missing, self._encode([self._window_volume(k) for k in missing])):
+            for key, emb in zip(missing, self._encode_stored([self._window_volume(k) for k in missing], missing)):
                 windows[key] = emb
             self._evict()
         return [windows[k] for k in keys]

@@ -3,8 +3,9 @@
 from segvol.io import ImageReadError
 from segvol.preprocess import ImageError
 from segvol.prompts import PromptError
+from segvol.versions import VersionError
 from segvol.weights import WeightsError
 
-USER_ERRORS = (ImageReadError, ImageError, PromptError, WeightsError)
+USER_ERRORS = (ImageReadError, ImageError, PromptError, WeightsError, VersionError)
 
-__all__ = ["USER_ERRORS", "ImageError", "ImageReadError", "PromptError", "WeightsError"]
+__all__ = ["USER_ERRORS", "ImageError", "ImageReadError", "PromptError", "VersionError", "WeightsError"]

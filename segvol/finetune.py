@@ -9,6 +9,7 @@ outside it, and their combinations. The loss is Dice + BCE, as in the official t
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -59,8 +60,10 @@ def views_of(
     category: str,
     image_id: str,
     zoom_in: bool = True,
+    max_windows: int | None = None,
 ) -> list[View]:
-    """The zoom-out view and the zoom-in windows around the mask, each with its target."""
+    """The zoom-out view and the zoom-in windows around the mask, each with its target; with
+    ``max_windows``, only the windows holding the most of the mask (each costs an encoder pass)."""
     predictor.set_image(image_ijk)
     image = predictor.image
     mask = crop_label(mask_ijk > 0, image.crop).float()
@@ -72,11 +75,11 @@ def views_of(
     plan = predictor.window_grid(mask > 0) if zoom_in else None
     if plan is not None:
         padded = predictor.pad_roi(mask, plan)
-        embeddings = predictor.window_embeddings([w.key for w in plan.windows])
-        for win, emb in zip(plan.windows, embeddings):
-            target = padded[tuple(slice(s, s + n) for s, n in zip(win.start, size))]
-            if target.any():
-                views.append(View(emb, target, category, image_id))
+        targets = [padded[tuple(slice(s, s + n) for s, n in zip(win.start, size))] for win in plan.windows]
+        chosen = [n for n in sorted(range(len(targets)), key=lambda n: -int(targets[n].sum())) if targets[n].any()]
+        chosen = sorted(chosen[:max_windows] if max_windows else chosen)
+        embeddings = predictor.window_embeddings([plan.windows[n].key for n in chosen])
+        views += [View(emb, targets[n], category, image_id) for n, emb in zip(chosen, embeddings)]
     return views
 
 
@@ -115,12 +118,23 @@ def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 if denom == 0 else 2 * int((p & t).sum()) / denom
 
 
+def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its own copies of the trainable parts (mask decoder, prompt encoder) and the
+    frozen encoders shared: a round trains this, so the served weights stay bit-identical until a
+    version is promoted, and the encoders are not duplicated in memory."""
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    for name in (t.rstrip(".") for t in TRAINABLE):
+        clone._modules[name] = copy.deepcopy(model._modules[name])
+    return clone
+
+
 class DecoderTrainer:
-    """Trains the decoder and prompt encoder of ``predictor.model`` in place."""
+    """Trains the decoder and prompt encoder of a copy of ``predictor.model`` (``self.model``)."""
 
     def __init__(self, predictor: SegVolPredictor, lr: float = 1e-4, seed: int = 0, jitter: float = 0.1) -> None:
         self.predictor = predictor
-        self.model = predictor.model
+        self.model = trainable_copy(predictor.model)
         self.rng = random.Random(seed)
         self.jitter = jitter
         torch.manual_seed(seed)
@@ -160,7 +174,7 @@ class DecoderTrainer:
         """``steps`` optimiser steps, one view each; replay views keep other categories as they were."""
         if not views:
             raise ValueError("no training views")
-        self.model.train()
+        self._train_mode(True)  # the trainable parts only: the shared encoders stay as they are served
         losses = []
         for step in range(steps):
             use_replay = replay and self.rng.random() < replay_weight / (1 + replay_weight)
@@ -174,13 +188,17 @@ class DecoderTrainer:
             losses.append(float(loss.detach()))
             if progress:
                 progress(step + 1, losses[-1])
-        self.model.eval()
+        self._train_mode(False)
         return losses
+
+    def _train_mode(self, on: bool) -> None:
+        for name in TRAINABLE:
+            self.model._modules[name.rstrip(".")].train(on)
 
     @torch.no_grad()
     def predict(self, view: View) -> torch.Tensor:
         """Text-prompted mask of a view (the prompt annotators use most)."""
-        self.model.eval()
+        self._train_mode(False)
         return self._logits(view, True, False, False) > 0
 
     def mean_dice(self, views: list[View]) -> float:

@@ -72,8 +72,21 @@ class Vocabulary:
                 if current is None or (c.name == c.preferred_name and current.name != current.preferred_name):
                     self.by_synonym[key] = c
 
+        # (scheme, code, laterality modifier code or None) -> the first category coded so
+        self.by_code: dict[tuple[str, str, str | None], Category] = {}
+        for c in self.categories:
+            if c.snomed:
+                modifier = (c.snomed.get("modifier") or {}).get("CodeValue")
+                key = (c.snomed["CodingSchemeDesignator"], str(c.snomed["CodeValue"]), modifier)
+                self.by_code.setdefault(key, c)
+
     def __len__(self) -> int:
         return len(self.categories)
+
+    def by_coded_concept(self, scheme: str, code: str, modifier: str | None = None) -> Category | None:
+        """The category of a coded anatomy (e.g. a DICOM SEG's SegmentedPropertyTypeCode, SCT
+        64033007 "Kidney" with modifier SCT 7771000 "Left" -> left kidney); None if none is coded so."""
+        return self.by_code.get((scheme, str(code), modifier))
 
     def resolve(self, text: str) -> Resolved:
         key = _norm(text)

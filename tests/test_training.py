@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -86,17 +87,24 @@ def test_a_round_improves_held_out_dice_and_is_served(app_parts):
     )
 
 
-def test_the_gate_rejects_a_round_made_worse(app_parts):
+def test_the_gate_rejects_a_round_made_worse_and_the_served_weights_stay_bit_identical(app_parts):
     service, datastore, trainer = app_parts
+    service.load()
+    before = {k: v.clone() for k, v in service.predictor.model.state_dict().items()}
     result = trainer({"steps": 40, "lr": 3.0}, datastore)  # a learning rate that wrecks the decoder
     assert result["status"].startswith("rejected"), result
     assert service.versions.active() == "base" and service.versions.names() == ["v0001"]
+    after = service.predictor.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    trained = service.versions.load("v0001")  # the round did change its own copy
+    assert not torch.equal(trained["mask_decoder.mask_tokens.weight"], before["mask_decoder.mask_tokens.weight"])
+    assert not service.predictor.model.image_encoder.training  # shared encoders stay in eval mode
     service.sync_version()
     assert service.version == service.base_version
 
 
 def test_a_damaged_version_is_refused_and_the_served_one_stays(app_parts):
-    from lib.versions import VersionError
+    from segvol.versions import VersionError
 
     service, datastore, trainer = app_parts
     assert trainer(dict(ROUND), datastore)["status"] == "promoted"
@@ -113,7 +121,7 @@ def test_a_damaged_version_is_refused_and_the_served_one_stays(app_parts):
 
 
 def test_a_round_killed_while_writing_leaves_nothing_behind(app_parts, monkeypatch):
-    from lib import versions
+    from segvol import versions
 
     service, datastore, trainer = app_parts
 
@@ -175,6 +183,64 @@ def test_rounds_through_the_server_trigger_promote_serve_and_survive_a_kill(tmp_
         srv.stop()
 
 
+def test_a_second_round_reuses_the_encodings_of_the_first(app_parts):
+    service, datastore, trainer = app_parts
+    first = trainer(dict(ROUND, steps=20), datastore)
+    assert first["encodings"]["computed"] > 0 and first["encodings"]["reused"] == 0
+    service.predictor.clear_cache()  # as in the fresh process MONAI Label starts for each round
+    second = trainer(dict(ROUND, steps=20), datastore)
+    assert second["encodings"] == {"reused": first["encodings"]["computed"], "computed": 0}
+    assert second["val_dice_before"] == first["val_dice_before"]  # the same views, bit for bit
+    assert service.predictor.store is None  # the served predictor is left as it was
+    folders = list((service.versions.root / ".embeddings").iterdir())
+    assert len(folders) == 1  # one encoder, one key
+
+
+def test_a_round_needs_two_labelled_images_and_keeps_the_sides_apart(tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.service import SegVolService
+    from lib.settings import AppSettings
+    from lib.trainers.decoder import SegVolDecoderTrainer, split
+
+    write_phantoms(tmp_path / "studies", 1)
+    settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
+    trainer = SegVolDecoderTrainer(SegVolService(settings))
+    datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
+    result = trainer(dict(ROUND), datastore)
+    assert result["status"] == "skipped" and "two labelled images" in result["reason"]
+    for n in range(2, 12):
+        items = [(f"1.2.840.{k}", "", "", "") for k in range(n)]
+        train, held = split(items)
+        assert train and held and not set(train) & set(held) and len(train) + len(held) == n
+        assert split(items[::-1]) == (sorted(train, key=items.index)[::-1], held)  # stable, order-free
+
+
+def test_versions_from_the_command_line(app_parts):
+    from conftest import run_cli
+
+    service, datastore, trainer = app_parts
+    assert trainer(dict(ROUND), datastore)["status"] == "promoted"
+    trainer({"steps": 40, "lr": 3.0}, datastore)  # v0002, rejected
+    root = str(service.versions.root)
+    listed = run_cli("versions", "list", "--dir", root, check=True).stdout
+    lines = listed.splitlines()
+    assert lines[2].startswith("* v0001") and "promoted" in lines[2] and "4/1" in lines[2], listed
+    assert lines[3].startswith("  v0002") and "rejected" in lines[3], listed
+    shown = json.loads(run_cli("versions", "show", "v0002", "--dir", root, check=True).stdout.split("\n}")[0] + "}")
+    assert shown["name"] == "v0002" and shown["active"] is False and shown["status"].startswith("rejected")
+    assert "v0002 is active" in run_cli("versions", "activate", "v0002", "--dir", root, check=True).stdout
+    assert service.versions.active() == "v0002"
+    assert "v0001 is active again" in run_cli("versions", "rollback", "--dir", root, check=True).stdout
+    assert service.versions.active() == "v0001"
+    weights = service.versions.root / "v0002" / "decoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    bad = run_cli("versions", "activate", "v0002", "--dir", root)
+    assert bad.returncode == 2 and "v0002" in bad.stderr and "sha256" in bad.stderr
+    assert service.versions.active() == "v0001"  # refused: nothing changed
+    assert run_cli("versions", "list", "--dir", str(service.versions.root / "nope")).returncode == 2
+
+
 def test_next_sample_prefers_the_least_certain_image(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
@@ -203,7 +269,7 @@ def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):
     the kernel refuses the write as a full disk would."""
     import subprocess
 
-    from lib.versions import VersionStore
+    from segvol.versions import VersionStore
 
     store = VersionStore(tmp_path / "versions")
     store.write({"mask_decoder.x": torch.zeros(4)}, {"note": "small, fits"})
@@ -211,7 +277,7 @@ def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):
     code = """
 import resource, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
-from lib.versions import VersionError, VersionStore
+from segvol.versions import VersionError, VersionStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 try:
@@ -221,7 +287,7 @@ except VersionError as e:
     sys.exit(3)
 """
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent / "apps" / "segvol"), str(store.root)],
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent), str(store.root)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -90,6 +90,7 @@ class SegVolApp(MONAILabelApp):
             cache_path=cache_path or None,
             fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
             convert_to_nifti=True,
+            refresh_seconds=self.service.settings.archive_refresh_seconds,
         )
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -133,18 +134,25 @@ class SegVolApp(MONAILabelApp):
         return {"segvol": self.task_config.trainer()}
 
     def on_init_complete(self) -> None:
+        """The server process only (a training subprocess builds the app too, and must not send
+        pending SEGs or start the scheduler a second time)."""
         super().on_init_complete()
+        if isinstance(self._datastore, SegVolDICOMWebDatastore):
+            try:
+                self._datastore.flush_pending()
+            except HTTPException as e:
+                log.warning("pending SEGs stay pending: %s", e.detail)
         self.service.start()
         minutes = self.service.settings.train_every_minutes
         if minutes > 0:
             threading.Thread(target=self._scheduled_rounds, args=(minutes,), name="segvol-rounds", daemon=True).start()
 
     def new_final_labels(self) -> int:
-        """Final labels saved since the last round's data was taken."""
+        """Labels the last round did not use (on DICOMweb: SEG series, counted with QIDO only)."""
         store = self.service.versions
         names = store.names()
-        used = len(store.meta(names[-1]).get("labels", [])) if names else 0
-        return len(self.datastore().datalist()) - used
+        used = {x.get("label") for x in store.meta(names[-1]).get("labels", [])} if names else set()
+        return len(self.datastore().label_keys() - used)
 
     def start_round(self, why: str) -> None:
         log.info("starting a fine-tune round: %s", why)
@@ -159,8 +167,10 @@ class SegVolApp(MONAILabelApp):
             if key in saved:
                 result[key] = saved[key]
         after = self.service.settings.train_after_labels
-        if after > 0 and self.new_final_labels() >= after:
-            self.start_round(f"{self.new_final_labels()} new final labels (train_after_labels {after})")
+        if after > 0:
+            new = self.new_final_labels()
+            if new >= after:
+                self.start_round(f"{new} new final labels (train_after_labels {after})")
         return result
 
     def _scheduled_rounds(self, minutes: float) -> None:

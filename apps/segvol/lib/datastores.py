@@ -29,6 +29,7 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_we
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
 
+from lib.archive import SegIndex
 from lib.dicom_seg import SegError, Segment, read_seg, write_seg
 from lib.identity import IdentityError, client_of
 from lib.labels import LabelError, LabelPart, check_tag, normalise, read_upload
@@ -166,9 +167,37 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
         self._saved(image_id, label_tag, info)
         return stored
 
+    def _finals(self) -> dict[str, str]:
+        """Image id -> a key of its final label (changes when the label is saved again)."""
+        out = {}
+        for image_id, obj in self._datastore.objects.items():
+            final = obj.labels.get(DefaultLabelTag.FINAL)
+            if final is not None:
+                out[image_id] = f"{image_id}@{(final.info or {}).get('ts', '')}"
+        return out
+
+    def label_keys(self) -> set[str]:
+        return set(self._finals().values())
+
+    def datalist(self, full_path: bool = True) -> list[dict]:
+        return [
+            {
+                "image": self.get_image_uri(image_id),
+                "label": self.get_label_uri(image_id, DefaultLabelTag.FINAL),
+                "image_id": image_id,
+                "label_key": key,
+            }
+            for image_id, key in sorted(self._finals().items())
+        ]
+
 
 class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
-    def __init__(self, service, *args, **kwargs) -> None:
+    """Images are the archive's CT series, listed again at most every ``refresh_seconds`` (MONAI
+    Label keeps its list 2 hours: a study stored meanwhile would not be seen). An image's final
+    label is its newest SEG in the archive, whoever wrote it (lib/archive.py), read onto the
+    image's grid once per SEG."""
+
+    def __init__(self, service, *args, refresh_seconds: float = 60, **kwargs) -> None:
         self.service = service
         super().__init__(*args, **kwargs)
         # one retry policy, ours (RETRIES tries, short back-off): the client's own would hold a
@@ -176,15 +205,74 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         self._client.set_http_retry_params(retry=False)
         self.pending = Path(self._datastore_path) / "pending-seg"
         self.pending.mkdir(parents=True, exist_ok=True)
-        self.flush_pending()
+        self.refresh_seconds = refresh_seconds
+        self._series: tuple[float, list[str]] | None = None
+        self.seg_index = SegIndex(
+            self._client, Path(self._datastore_path) / ".segvol" / "seg-index.json", refresh_seconds
+        )
+
+    def _archive_down(self, e: Exception) -> HTTPException:
+        return HTTPException(
+            status_code=503, detail=f"the DICOMweb archive {self._client.base_url} does not answer ({e})"
+        )
 
     def list_images(self) -> list[str]:
+        if self._series is None or time.monotonic() - self._series[0] > self.refresh_seconds:
+            try:
+                found = self._client.search_for_series(search_filters=self._search_filter)
+            except Exception as e:  # requests' connection and HTTP errors, whatever the client wraps them in
+                raise self._archive_down(e) from e
+            self._series = (time.monotonic(), [str(Dataset.from_json(ds).SeriesInstanceUID) for ds in found])
+        return list(self._series[1])
+
+    def _newest_segs(self) -> dict:
         try:
-            return super().list_images()
-        except Exception as e:  # requests' connection and HTTP errors, whatever the client wraps them in
-            raise HTTPException(
-                status_code=503, detail=f"the DICOMweb archive {self._client.base_url} does not answer ({e})"
-            ) from e
+            return self.seg_index.newest()
+        except Exception as e:
+            raise self._archive_down(e) from e
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        images = set(self.list_images())
+        return sorted(i for i in self._newest_segs() if i in images)
+
+    def label_keys(self) -> set[str]:
+        """Every SEG series in the archive (QIDO only, nothing downloaded)."""
+        try:
+            return {uid for _, uid in self.seg_index.listed()}
+        except Exception as e:
+            raise self._archive_down(e) from e
+
+    def datalist(self, full_path: bool = True) -> list[dict]:
+        """Every image with a final label: its newest SEG on its grid. A SEG that cannot be read
+        (not on the image's grid, an unreadable file) is skipped with a log line naming it."""
+        images = set(self.list_images())
+        out = []
+        for image, seg in sorted(self._newest_segs().items()):
+            if image not in images:
+                log.warning("SEG %s references %s, which is not among the archive's CT series; skipped", seg.uid, image)
+                continue
+            try:
+                label = self._final_label_from(image, seg.uid)
+            except HTTPException as e:
+                log.warning("SEG %s of image %s skipped: %s", seg.uid, image, e.detail)
+                continue
+            out.append({"image": self.get_image_uri(image), "label": label, "image_id": image, "label_key": seg.uid})
+        return out
+
+    def _final_label_from(self, image_id: str, seg_series: str) -> str:
+        image_path = self.get_image_uri(image_id)  # fetched and indexed first
+        cached = Path(self._datastore.label_path(DefaultLabelTag.FINAL)) / f"{image_id}.nii.gz"
+        final = self._datastore.objects[image_id].labels.get(DefaultLabelTag.FINAL)
+        if final is not None and (final.info or {}).get("SeriesInstanceUID") == seg_series and cached.exists():
+            return str(cached)
+        label, names = self._seg_on_grid(image_id, seg_series)
+        info = {
+            "SeriesInstanceUID": seg_series,
+            "source": "the archive",
+            "segments": [{"value": v, "name": n} for v, n in sorted(names.items())],
+        }
+        self._store_label(image_id, image_path, label, DefaultLabelTag.FINAL, info)
+        return str(cached)
 
     def status(self) -> dict:
         try:
@@ -208,16 +296,20 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         raise ConnectionError(f"{type(last).__name__}: {last}")
 
     def flush_pending(self) -> list[str]:
-        """Upload SEGs kept while the archive was unreachable; returns their series UIDs."""
+        """Upload SEGs kept while the archive was unreachable; returns their series UIDs. One
+        process at a time (a lock beside them), so no SEG is sent twice."""
         done = []
-        for seg_file in sorted(self.pending.glob("*.dcm")):
-            try:
-                done.append(self._upload(seg_file))
-                seg_file.unlink()
+        with FileLock(str(self.pending / ".lock")):
+            for seg_file in sorted(self.pending.glob("*.dcm")):
+                try:
+                    done.append(self._upload(seg_file))
+                except ConnectionError as e:
+                    log.warning("archive still unreachable; %s stays pending (%s)", seg_file.name, e)
+                    break
+                seg_file.unlink(missing_ok=True)
                 log.info("pending SEG %s stored in the archive", seg_file.name)
-            except ConnectionError as e:
-                log.warning("archive still unreachable; %s stays pending (%s)", seg_file.name, e)
-                break
+        if done:
+            self.seg_index.refresh()
         return done
 
     def save_label(
@@ -253,7 +345,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
                 f"it is kept in {kept} and will be sent on the next save or restart",
             ) from e
         os.unlink(seg_file)
-        DICOMWebDatastore.get_labeled_images.cache_clear()  # the new SEG counts at once
+        self.seg_index.refresh()  # the new SEG counts at once
         image_info = self.get_image_info(image_id)
         return {
             "SeriesInstanceUID": uid,
@@ -265,12 +357,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
         if label_tag != DefaultLabelTag.FINAL:
             return super().get_label_uri(label_id, label_tag)
-        cached = Path(self._datastore.label_path(DefaultLabelTag.FINAL)) / f"{image_id}.nii.gz"
-        if cached.exists():
-            return str(cached)
-        label, _ = self._seg_on_grid(image_id, label_id)
-        self._store_label(image_id, self.get_image_uri(image_id), label, label_tag, self._dicom_info(label_id))
-        return str(cached)
+        return self._final_label_from(image_id, label_id)
 
     def _seg_on_grid(self, image_id: str, seg_series: str) -> tuple[np.ndarray, dict[int, str]]:
         """A SEG series of the archive as a label map on the image's grid, and value -> name."""
@@ -289,33 +376,23 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         """Every SEG in the archive that references the image (ours and any other tool's), newest
         first, with what this server recorded about its own (who saved it, from which results)."""
         ours = {s["seg_series"]: s for s in super().history(image_id) if s.get("seg_series")}
-        matches = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
-        if not matches:
-            raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the archive")
-        study = str(Dataset.from_json(matches[0])["StudyInstanceUID"].value)
+        try:
+            segs = self.seg_index.of_image(image_id)
+        except Exception as e:
+            raise self._archive_down(e) from e
         out = []
-        for found in self._client.search_for_series(study, search_filters={"Modality": "SEG"}):
-            uid = str(Dataset.from_json(found)["SeriesInstanceUID"].value)
-            meta = Dataset.from_json(self._client.retrieve_series_metadata(study, uid)[0])
-            refs = meta.get("ReferencedSeriesSequence") or []
-            if not refs or str(refs[0].SeriesInstanceUID) != image_id:
-                continue
-            when = f"{meta.get('SeriesDate', '')}{meta.get('SeriesTime', '')}"
+        for seg in segs:
             entry = {
-                "seg_series": uid,
-                "archived": when,
-                "creator": str(meta.get("ContentCreatorName", "")),
-                "description": str(meta.get("SeriesDescription", "")),
-                "software": str(meta.get("SoftwareVersions", meta.get("Manufacturer", ""))),
-                "segments": [
-                    {"name": str(item.get("SegmentLabel", "")), "type": str(item.get("SegmentAlgorithmType", ""))}
-                    for item in meta.get("SegmentSequence", [])
-                ],
+                "seg_series": seg.uid,
+                "archived": seg.made,
+                "creator": seg.creator,
+                "description": seg.description,
+                "software": seg.software,
+                "segments": [{"name": name, "type": kind} for name, kind in seg.segments],
             }
-            if uid in ours:
-                entry.update(ours[uid])
+            entry.update(ours.get(seg.uid, {}))
             out.append(entry)
-        return sorted(out, key=lambda e: (e["archived"], e.get("time", "")), reverse=True)
+        return out
 
     def label_voxels(self, image_id: str, seg_series: str | None = None) -> tuple[np.ndarray, dict[int, str]]:
         if seg_series is None:

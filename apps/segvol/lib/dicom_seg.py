@@ -159,13 +159,41 @@ def _algorithm(version: str) -> pydicom.Dataset:
 
 
 def value_of(segment: pydicom.Dataset, vocabulary: Vocabulary) -> int | None:
-    """Our voxel value for a SEG segment: from its local code, else its label as a category name
-    (None: it names no category)."""
+    """Our voxel value for a SEG segment (None: it names nothing SegVol knows). In this order: our
+    local code; the coded anatomy (SegmentedPropertyTypeCodeSequence and its laterality modifier,
+    inside the code item as the standard puts it, or beside it as some writers do); the label."""
     code = segment.SegmentedPropertyTypeCodeSequence[0]
     if code.CodingSchemeDesignator == LOCAL_SCHEME and str(code.CodeValue).startswith("V"):
         return int(str(code.CodeValue)[1:])
-    r = vocabulary.resolve(str(getattr(segment, "SegmentLabel", "")))
-    return r.category.index if r.category is not None else None
+    modifiers = code.get("SegmentedPropertyTypeModifierCodeSequence") or segment.get(
+        "SegmentedPropertyTypeModifierCodeSequence"
+    )
+    modifier = str(modifiers[0].CodeValue) if modifiers else None
+    category = vocabulary.by_coded_concept(str(code.CodingSchemeDesignator), str(code.CodeValue), modifier)
+    if category is None:
+        category = vocabulary.resolve(str(getattr(segment, "SegmentLabel", ""))).category
+    return category.index if category is not None else None
+
+
+def _check_on_grid(image: sitk.Image, reference: sitk.Image, what: str, tolerance: float = 0.1) -> None:
+    """A segment's voxels must sit on the CT's voxels: every corner and step of its grid maps to a
+    whole voxel index of the CT, inside it. A cropped grid passes; frames between or beyond the
+    CT's slices, or a rotated grid, do not (resampling would place them silently)."""
+    size = image.GetSize()
+    corners = [(i, j, k) for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    steps = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    for index in corners + [tuple(min(s, n - 1) for s, n in zip(step, size)) for step in steps]:
+        point = image.TransformIndexToPhysicalPoint(index)
+        at = np.array(reference.TransformPhysicalPointToContinuousIndex(point))
+        if np.abs(at - np.round(at)).max() > tolerance:
+            raise SegError(f"{what}: voxel {index} falls between the CT's voxels (at {np.round(at, 2).tolist()})")
+        if (at < -tolerance).any() or (at > np.array(reference.GetSize()) - 1 + tolerance).any():
+            raise SegError(f"{what}: voxel {index} lies outside the CT (at {np.round(at, 2).tolist()})")
+
+
+def _code_text(segment: pydicom.Dataset) -> str:
+    code = segment.SegmentedPropertyTypeCodeSequence[0]
+    return f"{code.CodingSchemeDesignator} {code.CodeValue} {getattr(code, 'CodeMeaning', '')!r}"
 
 
 def read_seg(seg_file: Path, reference: sitk.Image, vocabulary: Vocabulary) -> tuple[np.ndarray, dict[int, str]]:
@@ -185,8 +213,16 @@ def read_seg(seg_file: Path, reference: sitk.Image, vocabulary: Vocabulary) -> t
             value = next(free, None)
             if value is None:
                 raise SegError(f"{seg_file}: too many segments that name no category")
-            log.info("%s: segment %d (%s) names no SegVol category: value %d", seg_file, number, label, value)
+            log.warning(
+                "%s: segment %d (%s, code %s) names no SegVol category: value %d, not trained on",
+                seg_file,
+                number,
+                label,
+                _code_text(info),
+                value,
+            )
         seg_img = result.segment_image(number)
+        _check_on_grid(seg_img, reference, f"{seg_file}: segment {number} ({label})")
         on_grid = sitk.Resample(seg_img, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         mask = sitk.GetArrayFromImage(on_grid).transpose(2, 1, 0) > 0
         out[mask] = value

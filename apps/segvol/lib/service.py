@@ -22,13 +22,13 @@ from lib.leases import Leases
 from lib.provenance import Provenance
 from lib.settings import AppSettings
 from lib.store import TeamStore
-from lib.versions import BASE, VersionError, VersionStore
 from segvol.engine import SegVolPredictor, Target
 from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
 from segvol.preprocess import digest
 from segvol.prompts import Prompt
+from segvol.versions import BASE, VersionError, VersionStore
 from segvol.vocabulary import Vocabulary, default_vocabulary
 from segvol.weights import WeightsError, find_or_download, load_segvol
 

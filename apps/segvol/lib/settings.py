@@ -33,12 +33,15 @@ HELP = {
     "window_batch": "zoom-in windows encoded per encoder pass (4; lower it on a small GPU)",
     "decode_batch": "prompts or windows decoded per decoder pass (0, default: 8 on a GPU, 1 on a CPU)",
     "versions_dir": "where fine-tuned decoder versions live (default <app>/model/versions)",
-    "train_steps": "decoder optimiser steps per fine-tune round (400)",
+    "train_steps": "decoder optimiser steps per fine-tune round (200)",
+    "train_windows": "zoom-in windows per label a round trains on, those holding most of the label (4; 0: all)",
+    "embedding_cache_mb": "disk for image encodings kept across rounds in <versions_dir>/.embeddings (4096; 0: off)",
     "train_lr": "learning rate of the decoder fine-tune (1e-4)",
     "train_after_labels": "start a round once this many new final labels are saved (0: off)",
     "train_every_minutes": "start a round on this schedule when there are new final labels (0: off)",
     "promote_min_gain": "held-out Dice must rise by more than this for a version to be served (0.0)",
     "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
+    "archive_refresh_seconds": "DICOMweb: how often the archive's series and SEGs are listed again (60)",
     "lease_minutes": "an image handed to one annotator is not handed to another for this long (30)",
     "team_db": "the team's shared state (leases, served results, saved labels): an SQLite file "
     "(default: .segvol/team.sqlite beside the datastore)",
@@ -80,13 +83,16 @@ class AppSettings:
     decode_batch: int = 0
     model_dir: Path = field(default=Path("model"))
     versions_dir: Path = field(default=Path("model/versions"))
-    train_steps: int = 400
+    train_steps: int = 200
+    train_windows: int = 4
+    embedding_cache_mb: float = 4096.0
     train_lr: float = 1e-4
     train_after_labels: int = 0
     train_every_minutes: float = 0.0
     promote_min_gain: float = 0.0
     promote_replay_margin: float = 0.1
     lease_minutes: float = 30.0
+    archive_refresh_seconds: float = 60.0
     team_db: Path | None = None
 
     @classmethod
@@ -102,12 +108,15 @@ class AppSettings:
             "window_batch",
             "decode_batch",
             "train_steps",
+            "train_windows",
+            "embedding_cache_mb",
             "train_lr",
             "train_after_labels",
             "train_every_minutes",
             "promote_min_gain",
             "promote_replay_margin",
             "lease_minutes",
+            "archive_refresh_seconds",
         ):
             default = cls.__dataclass_fields__[key].default
             kind = type(default)

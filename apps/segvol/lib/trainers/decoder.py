@@ -16,6 +16,8 @@ import fcntl
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from lib.service import SegVolService
 from lib.trainers.progress import RUNNING, RoundProgress
+from segvol.embedding_store import EmbeddingStore, encoder_digest
 from segvol.finetune import DecoderTrainer, View, trainable_state, views_of
 from segvol.io import read_volume
 
@@ -40,8 +43,22 @@ def image_id_of(path: str) -> str:
     return name
 
 
-def _held_out(image_id: str) -> bool:
-    return int(hashlib.sha256(image_id.encode()).hexdigest(), 16) % 5 == 0
+SPLIT_RULE = (
+    "held out: the images whose id hashes (SHA-256) to 0 mod 5, at least one and never all; "
+    "the others train. The two sides never share an image."
+)
+
+
+def _rank(image_id: str) -> int:
+    return int(hashlib.sha256(image_id.encode()).hexdigest(), 16)
+
+
+def split(items: list[tuple[str, str, str, str]]) -> tuple[list, list]:
+    """(train, held out): disjoint, stable per image id (an image stays on its side as labels
+    are added), about one in five held out; needs two labelled images at least."""
+    ranked = sorted(items, key=lambda it: _rank(it[0]))
+    held = [it for it in ranked if _rank(it[0]) % 5 == 0][: len(items) - 1] or ranked[:1]
+    return [it for it in items if it not in held], held
 
 
 class SegVolDecoderTrainer(TrainTask):
@@ -73,17 +90,22 @@ class SegVolDecoderTrainer(TrainTask):
             out["best_metric"] = store.meta(active).get("val_dice_after")
         return out
 
-    def labelled(self, datastore) -> list[tuple[str, str, str]]:
-        """(image id, image path, label path) of every final label in the datastore."""
-        out = []
-        for item in datastore.datalist(full_path=True):
-            out.append((image_id_of(item["image"]), item["image"], item["label"]))
-        return out
+    def labelled(self, datastore) -> list[tuple[str, str, str, str]]:
+        """(image id, image path, label path, label key) of every final label in the datastore."""
+        return [
+            (
+                item.get("image_id") or image_id_of(item["image"]),
+                item["image"],
+                item["label"],
+                item.get("label_key", ""),
+            )
+            for item in datastore.datalist(full_path=True)
+        ]
 
     def _views(self, predictor, items, progress: RoundProgress, done: int = 0, total: int = 0) -> list[View]:
         vocab = self.service.vocabulary
         views = []
-        for n, (image_id, image_path, label_path) in enumerate(tqdm(items, desc="encoding views", unit="image")):
+        for n, (image_id, image_path, label_path, _) in enumerate(tqdm(items, desc="encoding views", unit="image")):
             progress.update("encoding views", done + n, total)
             image = read_volume(image_path).array
             label = np.asarray(read_volume(label_path).array)
@@ -92,8 +114,23 @@ class SegVolDecoderTrainer(TrainTask):
                     log.warning("%s: label value %d names no SegVol category; skipped", image_id, value)
                     continue
                 name = vocab.categories[value - 1].name
-                views += views_of(predictor, image, label == value, name, image_id)
+                windows = self.service.settings.train_windows or None
+                views += views_of(predictor, image, label == value, name, image_id, max_windows=windows)
         return views
+
+    @contextmanager
+    def _stored_encodings(self, predictor) -> Iterator[EmbeddingStore | None]:
+        """Encodings from earlier rounds (the encoder is frozen), kept under the versions folder."""
+        mb = self.service.settings.embedding_cache_mb
+        if mb <= 0 or predictor.store is not None:
+            yield predictor.store
+            return
+        key = encoder_digest(predictor.model, predictor.precision)
+        predictor.store = EmbeddingStore(self.service.versions.root / ".embeddings", key, mb)
+        try:
+            yield predictor.store
+        finally:
+            predictor.store = None
 
     def __call__(self, request: dict, datastore) -> dict:
         store = self.service.versions
@@ -119,10 +156,13 @@ class SegVolDecoderTrainer(TrainTask):
         lr = float(request.get("lr", s.train_lr))
         items = self.labelled(datastore)
         progress.start(len(items), steps)
-        if not items:
-            return {"status": "skipped", "reason": "no final labels in the datastore"}
-        held = [it for it in items if _held_out(it[0])] or items[-1:]
-        train = [it for it in items if it not in held] or held
+        if len(items) < 2:
+            return {
+                "status": "skipped",
+                "reason": f"a round needs two labelled images at least, one to train on and one held out to "
+                f"measure the gain on; the datastore has {len(items)}",
+            }
+        train, held = split(items)
         log.info(
             "round: %d labelled images (%d train, %d held out), %d steps at lr %g",
             len(items),
@@ -135,8 +175,12 @@ class SegVolDecoderTrainer(TrainTask):
         predictor = self.service.wait()
         previous = self.service.version
         n = len(items)
-        train_views = self._views(predictor, train, progress, 0, n)
-        val_views = self._views(predictor, held, progress, len(train), n)
+        t_views = time.time()
+        with self._stored_encodings(predictor) as store:
+            train_views = self._views(predictor, train, progress, 0, n)
+            val_views = self._views(predictor, held, progress, len(train), n)
+        encodings = {"reused": store.hits, "computed": store.misses} if store else {}
+        t_views = time.time() - t_views
         progress.update("measuring", 0, 1)
         if not train_views:
             return {"status": "skipped", "reason": "the final labels name no SegVol category"}
@@ -152,7 +196,9 @@ class SegVolDecoderTrainer(TrainTask):
             bar.set_postfix(loss=f"{loss:.3f}")
             progress.update("fine-tune", i, steps)
 
+        t_train = time.time()
         losses = trainer.train(train_views, steps, replay=replay, progress=step)
+        t_train = time.time() - t_train
         bar.close()
         progress.update("measuring", 0, 1)
         after = trainer.mean_dice(val_views)
@@ -167,7 +213,8 @@ class SegVolDecoderTrainer(TrainTask):
             "base": self.service.base_version,
             "base_weights": str(getattr(self.service, "weights_path", s.weights)),
             "started_from": previous,
-            "labels": [{"image": it[0], "held_out": it in held} for it in items],
+            "labels": [{"image": it[0], "label": it[3], "held_out": it in held} for it in items],
+            "split": SPLIT_RULE,
             "categories": trained,
             "replay_categories": others,
             "steps": steps,
@@ -179,9 +226,13 @@ class SegVolDecoderTrainer(TrainTask):
             "replay_dice": replay_dice,
             "status": status,
             "seconds": round(time.time() - t0, 1),
+            "seconds_encoding_views": round(t_views, 1),
+            "seconds_training": round(t_train, 1),
+            "views": {"train": len(train_views), "held_out": len(val_views), "replay": len(replay)},
+            "encodings": encodings,
         }
         store = self.service.versions
-        name = store.write(trainable_state(predictor.model), meta)
+        name = store.write(trainable_state(trainer.model), meta)
         if not why:
             store.activate(name, f"held-out Dice {before:.3f} -> {after:.3f}, replay {replay_dice:.3f}")
         log.info("round %s: %s (%.1f s)", name, status, time.time() - t0)

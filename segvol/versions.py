@@ -6,7 +6,8 @@ Layout under the versions folder:
   ACTIVE                      the served version's name, or "base"; replaced with os.replace
   history.jsonl               every activation and rollback, one JSON line each
 A version folder appears by renaming a complete temporary folder, so a reader never sees half a
-version; a version whose file does not match its recorded sha256 is refused.
+version; a version whose file does not match its recorded sha256 is refused. The server checks
+ACTIVE before every request; ``python -m segvol versions`` lists, shows, activates and rolls back.
 """
 
 from __future__ import annotations
@@ -101,6 +102,22 @@ class VersionStore:
                 json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": previous, "to": name, "reason": reason})
                 + "\n"
             )
+
+    def history(self) -> list[dict]:
+        """Every activation and rollback, oldest first."""
+        path = self.root / "history.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def rollback(self, reason: str = "rollback") -> str:
+        """Serve again what was served before the current version; returns its name."""
+        current = self.active()
+        for event in reversed(self.history()):
+            if event["to"] == current and event["from"] != current:
+                self.activate(event["from"], reason)
+                return event["from"]
+        raise VersionError(f"nothing to roll back to: {current!r} was never activated over another version")
 
     def cleanup_partial(self) -> None:
         """Remove folders left by a round that was killed while writing."""

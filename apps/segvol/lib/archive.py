@@ -1,0 +1,124 @@
+"""The DICOM SEGs in a DICOMweb archive, image by image, whoever wrote them.
+
+Which SEG series exist is a QIDO query (repeated at most every ``refresh_seconds``); what each
+references and when it was made comes from its metadata, fetched once per SEG (a stored SEG never
+changes) and kept on disk beside the datastore, so a restart or a second process does not fetch
+it again. Counting labels needs the QIDO query only; the newest SEG of each image is its label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchivedSeg:
+    uid: str
+    study: str
+    image: str  # the referenced CT series ("" when the SEG names none)
+    made: str  # SeriesDate + SeriesTime (else ContentDate + ContentTime), sortable
+    creator: str
+    description: str
+    software: str
+    segments: tuple[tuple[str, str], ...]  # (label, algorithm type) of each segment
+
+
+def _text(meta: Dataset, *keys: str) -> str:
+    return "".join(str(meta.get(k, "") or "") for k in keys)
+
+
+def describe(uid: str, study: str, meta: Dataset) -> ArchivedSeg:
+    refs = meta.get("ReferencedSeriesSequence") or []
+    return ArchivedSeg(
+        uid=uid,
+        study=study,
+        image=str(refs[0].SeriesInstanceUID) if refs else "",
+        made=_text(meta, "SeriesDate", "SeriesTime") or _text(meta, "ContentDate", "ContentTime"),
+        creator=str(meta.get("ContentCreatorName", "") or ""),
+        description=str(meta.get("SeriesDescription", "") or ""),
+        software=str(meta.get("SoftwareVersions", "") or meta.get("Manufacturer", "") or ""),
+        segments=tuple(
+            (str(s.get("SegmentLabel", "")), str(s.get("SegmentAlgorithmType", "")))
+            for s in meta.get("SegmentSequence", [])
+        ),
+    )
+
+
+class SegIndex:
+    def __init__(self, client, cache_file: Path, refresh_seconds: float = 60) -> None:
+        self.client = client
+        self.cache_file = Path(cache_file)
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._listed: tuple[float, list[tuple[str, str]]] | None = None  # (when, [(study, uid)])
+        self._known: dict[str, ArchivedSeg] = self._load()
+
+    def _load(self) -> dict[str, ArchivedSeg]:
+        try:
+            entries = json.loads(self.cache_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return {e["uid"]: ArchivedSeg(**{**e, "segments": tuple(map(tuple, e["segments"]))}) for e in entries}
+
+    def _save(self) -> None:
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_name(f".{self.cache_file.name}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps([asdict(s) for s in self._known.values()]))
+        os.replace(tmp, self.cache_file)
+
+    def refresh(self) -> None:
+        """Query the archive again at the next question (after a SEG was stored)."""
+        self._listed = None
+
+    def listed(self) -> list[tuple[str, str]]:
+        """(study, SEG series UID) of every SEG series: QIDO only."""
+        with self._lock:
+            if self._listed is None or time.monotonic() - self._listed[0] > self.refresh_seconds:
+                found = self.client.search_for_series(search_filters={"Modality": "SEG"})
+                pairs = []
+                for item in found:
+                    ds = Dataset.from_json(item)
+                    pairs.append((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
+                self._listed = (time.monotonic(), pairs)
+            return list(self._listed[1])
+
+    def segs(self) -> list[ArchivedSeg]:
+        """Every SEG with what it references and when it was made (metadata of new ones fetched)."""
+        out, fetched = [], False
+        for study, uid in self.listed():
+            seg = self._known.get(uid)
+            if seg is None:
+                try:
+                    meta = Dataset.from_json(self.client.retrieve_series_metadata(study, uid)[0])
+                except Exception as e:  # an archive that lists a series it cannot describe: skip it
+                    log.warning("SEG series %s: no metadata (%s); skipped", uid, e)
+                    continue
+                seg = self._known[uid] = describe(uid, study, meta)
+                fetched = True
+            out.append(seg)
+        if fetched:
+            self._save()
+        return out
+
+    def of_image(self, image: str) -> list[ArchivedSeg]:
+        """The SEGs referencing ``image``, newest first."""
+        return sorted((s for s in self.segs() if s.image == image), key=lambda s: s.made, reverse=True)
+
+    def newest(self) -> dict[str, ArchivedSeg]:
+        """Image -> its newest SEG: the image's final label."""
+        out: dict[str, ArchivedSeg] = {}
+        for seg in self.segs():
+            if seg.image and (seg.image not in out or seg.made > out[seg.image].made):
+                out[seg.image] = seg
+        return out

@@ -111,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="for the fast path")
     b.add_argument("--device", default="auto")
 
+    r = sub.add_parser(
+        "bench-round",
+        help="time a fine-tune round: encoding the views against the decoder steps",
+        description="Two rounds on synthetic labelled CTs, the second with the first's encodings on disk.",
+    )
+    r.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --config, seed 0)")
+    r.add_argument("--config", default="segvol-official", help="model config without --weights")
+    r.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64], metavar=("I", "J", "K"))
+    r.add_argument("--images", type=int, default=3, help="labelled CTs (one held out)")
+    r.add_argument("--steps", type=int, default=200, help="decoder steps (the app's default train_steps)")
+    r.add_argument("--windows", type=int, default=4, help="zoom-in windows per label (the app's train_windows)")
+    r.add_argument("--device", default="cpu")
+
     c = sub.add_parser("categories", help="list the categories SegVol was trained with")
     c.add_argument("--search", default="", help="only names or synonyms containing this text")
     c.add_argument("--json", action="store_true", help="print JSON")
@@ -216,6 +229,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_round(a: argparse.Namespace) -> int:
+    from segvol.bench import build_model
+    from segvol.bench_round import run
+
+    model, what = build_model(a.weights, a.config)
+    log.info("round bench with %s", what)
+    print(run(model, tuple(a.shape), a.images, a.steps, a.windows, a.device))
+    return 0
+
+
 def cmd_categories(a: argparse.Namespace) -> int:
     from segvol.vocabulary import default_vocabulary
 
@@ -297,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     from segvol.errors import USER_ERRORS
 
     try:
-        commands = {"segment": cmd_segment, "categories": cmd_categories, "bench": cmd_bench, "versions": cmd_versions}
+        commands = {
+            "segment": cmd_segment,
+            "categories": cmd_categories,
+            "bench": cmd_bench,
+            "bench-round": cmd_bench_round,
+            "versions": cmd_versions,
+        }
         return commands[a.command](a)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

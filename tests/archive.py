@@ -52,9 +52,66 @@ class Archive:
             segs = [d for d in segs if d.ReferencedSeriesSequence[0].SeriesInstanceUID == series]
         return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
 
+    def store(self, dataset: pydicom.Dataset) -> None:
+        """STOW-RS, as another tool would store its SEG."""
+        from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        web = DICOMwebClient(f"{self.url}/dicom-web", session=create_session_from_user_pass(USER, PASSWORD))
+        web.store_instances([dataset])
+
+    def series_files(self, name: str) -> list:
+        return sorted((self.folder / "dicom" / name).glob("*.dcm"))
+
+    def segs_series(self) -> list[str]:
+        """The UID of every SEG series in the archive (QIDO)."""
+        return [s["0020000E"]["Value"][0] for s in self.get("/dicom-web/series", params={"Modality": "SEG"}).json()]
+
     def study_of(self, series: str) -> str:
         found = self.get("/dicom-web/series", params={"SeriesInstanceUID": series}).json()
         return found[0]["0020000D"]["Value"][0]
+
+
+CATEGORY = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
+
+
+def foreign_seg(ct_files: list, label_ijk, segments: list[tuple[str, dict]], shift_mm: float = 0.0) -> pydicom.Dataset:
+    """A SEG as another tool writes it (pydicom-seg, in-plane cropping, empty slices dropped, as dcmqi
+    does): segment n = value n of ``label_ijk``, named and coded by ``segments`` [(label, type
+    code)]. ``shift_mm`` moves it along the slice axis (off the CT's slices for a half slice)."""
+    import numpy as np
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in ct_files])
+    ct = reader.Execute()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(label_ijk.transpose(2, 1, 0)))
+    image.CopyInformation(ct)
+    if shift_mm:
+        normal = np.array(ct.GetDirection()).reshape(3, 3)[:, 2]
+        image.SetOrigin(tuple(np.array(ct.GetOrigin()) + shift_mm * normal))
+    attributes = [
+        {
+            "labelID": n,
+            "SegmentLabel": label,
+            "SegmentAlgorithmType": "MANUAL",
+            "SegmentedPropertyCategoryCodeSequence": CATEGORY,
+            "SegmentedPropertyTypeCodeSequence": code,
+        }
+        for n, (label, code) in enumerate(segments, start=1)
+    ]
+    template = pydicom_seg.template.from_dcmqi_metainfo(
+        {
+            "ContentCreatorName": "Other^Tool",
+            "SeriesDescription": "another tool",
+            "SeriesNumber": "42",
+            "InstanceNumber": "1",
+            "segmentAttributes": [attributes],
+        }
+    )
+    writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=True, skip_empty_slices=True)
+    return writer.write(image, [pydicom.dcmread(str(f), stop_before_pixels=True) for f in ct_files])
 
 
 def dicomweb_server(url: str, work, **conf: str):

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from archive import Archive, dicomweb_server
+from archive import Archive, dicomweb_server, foreign_seg
 from conftest import ROOT
 
 pytestmark = pytest.mark.dicomweb
@@ -141,57 +141,15 @@ def test_a_seg_from_another_tool_is_listed_and_opens_on_the_image_grid(server, a
     """A SEG written by another tool (here pydicom-seg with in-plane cropping and empty slices
     dropped, as dcmqi writes them), stored with STOW-RS: the history lists it and its voxels come
     back on the CT's grid, a segment naming no SegVol category under a free value."""
-    import pydicom
-    import pydicom_seg
-    from dicomweb_client.api import DICOMwebClient
-    from dicomweb_client.session_utils import create_session_from_user_pass
-
-    from archive import PASSWORD, USER
-
     image_id = archive.series["lung1"]
-    files = sorted((archive.folder / "dicom" / "lung1").glob("*.dcm"))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
-    ct = reader.Execute()
     label = np.zeros((512, 512, 48), np.uint8)  # (i, j, k)
     label[300:340, 200:260, 10:14] = 1  # spleen
     label[100:120, 100:110, 30:31] = 2  # something SegVol has no name for
-    seg_img = sitk.GetImageFromArray(label.transpose(2, 1, 0))
-    seg_img.CopyInformation(ct)
-    code = {"CodingSchemeDesignator": "SCT", "CodeValue": "78961009", "CodeMeaning": "Spleen"}
+    spleen_code = {"CodingSchemeDesignator": "SCT", "CodeValue": "78961009", "CodeMeaning": "Spleen"}
     other = {"CodingSchemeDesignator": "99TEST", "CodeValue": "X1", "CodeMeaning": "Mystery"}
-    category = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
-    template = pydicom_seg.template.from_dcmqi_metainfo(
-        {
-            "ContentCreatorName": "Other^Tool",
-            "SeriesDescription": "another tool",
-            "SeriesNumber": "42",
-            "InstanceNumber": "1",
-            "segmentAttributes": [
-                [
-                    {
-                        "labelID": 1,
-                        "SegmentLabel": "spleen",
-                        "SegmentAlgorithmType": "MANUAL",
-                        "SegmentedPropertyCategoryCodeSequence": category,
-                        "SegmentedPropertyTypeCodeSequence": code,
-                    },
-                    {
-                        "labelID": 2,
-                        "SegmentLabel": "mystery blob",
-                        "SegmentAlgorithmType": "MANUAL",
-                        "SegmentedPropertyCategoryCodeSequence": category,
-                        "SegmentedPropertyTypeCodeSequence": other,
-                    },
-                ]
-            ],
-        }
-    )
-    writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=True, skip_empty_slices=True)
-    dcm = writer.write(seg_img, [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files])
+    dcm = foreign_seg(archive.series_files("lung1"), label, [("spleen", spleen_code), ("mystery blob", other)])
     assert int(dcm.NumberOfFrames) == 5 and int(dcm.Rows) < 512  # cropped, empty slices dropped
-    web = DICOMwebClient(f"{archive.url}/dicom-web", session=create_session_from_user_pass(USER, PASSWORD))
-    web.store_instances([dcm])
+    archive.store(dcm)
 
     history = requests.get(f"{server.url}/segvol/labels", params={"image": image_id}, timeout=60).json()
     (theirs,) = [h for h in history if h["seg_series"] == str(dcm.SeriesInstanceUID)]

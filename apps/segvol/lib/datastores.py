@@ -376,6 +376,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         """Every SEG in the archive that references the image (ours and any other tool's), newest
         first, with what this server recorded about its own (who saved it, from which results)."""
         ours = {s["seg_series"]: s for s in super().history(image_id) if s.get("seg_series")}
+        self.seg_index.refresh()  # one QIDO query: a SEG stored a second ago by any tool is listed
         try:
             segs = self.seg_index.of_image(image_id)
         except Exception as e:

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Create .venv and install segvol-label with pinned dependencies (idempotent), plus the Debian
-# packages it runs with: Orthanc and its DICOMweb plugin (the archive), and Chromium when
-# SEGVOL_BROWSER=1 (the end-to-end tests drive OHIF in it).
+# packages it runs with: Orthanc and its DICOMweb plugin (the archive), and with SEGVOL_BROWSER=1
+# (the tests) Chromium (they drive OHIF in it) and dicom3tools (dciodvfy checks every SEG).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=()
 command -v Orthanc >/dev/null || debs+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || debs+=(orthanc-dicomweb)
-if [ "${SEGVOL_BROWSER:-0}" = 1 ]; then command -v chromium >/dev/null || debs+=(chromium); fi
+if [ "${SEGVOL_BROWSER:-0}" = 1 ]; then
+  command -v chromium >/dev/null || debs+=(chromium)
+  command -v dciodvfy >/dev/null || debs+=(dicom3tools)
+fi
 if [ ${#debs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing Debian packages: ${debs[*]}"

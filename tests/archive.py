@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import pydicom
 import pytest
@@ -50,7 +52,7 @@ class Archive:
         segs = [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in found]
         if series is not None:
             segs = [d for d in segs if d.ReferencedSeriesSequence[0].SeriesInstanceUID == series]
-        return sorted(segs, key=lambda d: (str(d.SeriesDate), str(d.SeriesTime), str(d.get("ContentTime", ""))))
+        return sorted(segs, key=lambda d: (str(d.get("ContentDate", "")), str(d.get("ContentTime", ""))))
 
     def store(self, dataset: pydicom.Dataset) -> None:
         """STOW-RS, as another tool would store its SEG."""
@@ -70,6 +72,16 @@ class Archive:
     def study_of(self, series: str) -> str:
         found = self.get("/dicom-web/series", params={"SeriesInstanceUID": series}).json()
         return found[0]["0020000D"]["Value"][0]
+
+
+def dciodvfy_errors(dataset: pydicom.Dataset) -> list[str]:
+    """The Error lines of dciodvfy (dicom3tools, the standard's validator) on ``dataset``."""
+    if not shutil.which("dciodvfy"):
+        pytest.fail("dciodvfy is not installed (apt-get install dicom3tools; SEGVOL_BROWSER=1 scripts/setup.sh does)")
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
+        dataset.save_as(f.name)
+        out = subprocess.run(["dciodvfy", f.name], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 CATEGORY = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from archive import Archive, dicomweb_server, foreign_seg
+from archive import Archive, dciodvfy_errors, dicomweb_server, foreign_seg
 from conftest import ROOT
 
 pytestmark = pytest.mark.dicomweb
@@ -89,8 +89,14 @@ def test_a_slicer_session_ends_with_a_seg_in_the_archive(server, archive, tmp_pa
     assert segment.SegmentAlgorithmName == "SegVol" and server.info["model_version"] in seg.SeriesDescription
     code = segment.SegmentedPropertyTypeCodeSequence[0]
     assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("39607008", "SCT", "Lung")
-    assert segment.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    # the laterality modifier inside the type code item, where the standard puts it
+    assert code.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in segment
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("SegVol", server.info["model_version"][:64])
+    assert str(seg.ContentCreatorName) == "anonymous^"  # MONAILabelClient sent no client_id
     assert int(seg.NumberOfFrames) == 48  # every slice, empty ones included
+    assert dciodvfy_errors(seg) == []  # the standard's validator accepts it
 
     # read back onto the image grid: the same voxels, in the app's values
     from lib.dicom_seg import read_seg
@@ -202,6 +208,7 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     )
     segs = archive.segs()
     assert len(segs) == before + 2  # the kept SEG went first, then the new one
+    assert [dciodvfy_errors(d) for d in segs[-2:]] == [[], []]
     labels = [sorted(s.SegmentLabel for s in d.SegmentSequence) for d in segs[-2:]]
     assert sorted(labels) == [["esophagus", "trachea"], ["trachea"]]
 

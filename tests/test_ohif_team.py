@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from archive import Archive, dicomweb_server
+from archive import Archive, dciodvfy_errors, dicomweb_server
 from conftest import ROOT, SHARED
 from test_ohif import CHROMIUM_ARGS, _params, _server_result, chromium
 
@@ -325,6 +325,7 @@ def test_two_annotators_get_different_images_edit_and_save(team, session, tmp_pa
         assert str(seg.ContentCreatorName) == f"{family}^{given}"
         algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "SegVol" and algorithm.AlgorithmVersion == srv.info["model_version"][:64]
+        assert dciodvfy_errors(seg) == []
         # the voxels added and removed, against what SegVol served for the page's very request
         served = _server_result(srv, series, dict(session["sent"][annotator], client_id="test-check"), tmp_path)
         served = served == LIVER

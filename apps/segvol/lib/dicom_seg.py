@@ -1,11 +1,19 @@
 """Label maps <-> DICOM SEG that reference their CT series, with SegVol's category codes.
 
-Segments are numbered 1..n as DICOM requires; each carries the category name as its label,
-SNOMED CT codes from the vocabulary where known (a local "99SEGVOL" code otherwise, never
-a borrowed wrong code), the algorithm (SegVol and its model version) and its type:
-AUTOMATIC when the saved voxels are exactly SegVol's, SEMIAUTOMATIC when a person edited
-SegVol's result, MANUAL when SegVol never produced that label for the image. Every slice
-is written (no empty-slice dropping), so reading back gives the image grid exactly.
+Written with highdicom (which builds the IOD and checks what it writes; every SEG passes
+dciodvfy, tests/test_dicomweb.py runs it): one BINARY segment per label, numbered 1..n; each
+carries the category name as its label, SNOMED CT codes from the vocabulary where known, the
+laterality modifier inside the property type code item (a local "99SEGVOL" code otherwise, never
+a borrowed wrong code), its type (AUTOMATIC when the saved voxels are exactly SegVol's,
+SEMIAUTOMATIC when a person edited SegVol's result, MANUAL when SegVol never produced that
+label for the image) and, unless MANUAL, the Segmentation Algorithm Identification (SegVol, the
+model version that made it). The annotator is ContentCreatorName. Every slice is written (no
+empty frames dropped), so reading back gives the image grid exactly.
+
+Read with pydicom-seg, whose reader gives each segment as an image with the SEG's own geometry
+(highdicom 0.22, the last release for the pydicom 2 that MONAI Label needs, has no volume
+reader): SEGs of other tools on cropped grids land where they belong, and a SEG whose voxels
+are not on the CT's is refused.
 """
 
 from __future__ import annotations
@@ -16,11 +24,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pydicom_seg
 import SimpleITK as sitk
+from pydicom.sr.coding import Code
 
+import segvol
 from lib.identity import person_name
 from lib.params import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
@@ -28,12 +39,9 @@ from segvol.vocabulary import Category, Vocabulary
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEME = "99SEGVOL"
-ANATOMICAL_STRUCTURE = {
-    "CodeValue": "123037004",
-    "CodingSchemeDesignator": "SCT",
-    "CodeMeaning": "Anatomical Structure",
-}
-ARTIFICIAL_INTELLIGENCE = ("123110", "DCM", "Artificial Intelligence")  # CID 7162, algorithm family
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+NOT_CODED = Code("C", LOCAL_SCHEME, "Category not coded")
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162, algorithm family
 
 
 class SegError(ValueError):
@@ -49,50 +57,51 @@ class Segment:
     model_version: str | None = None  # the SegVol version whose result it is (or was edited from)
 
 
-def _code(d: dict | None) -> dict | None:
-    if not d:
-        return None
-    return {k: d[k] for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")}
+def _code(d: dict) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(str(d["CodeValue"]), d["CodingSchemeDesignator"], d["CodeMeaning"][:64])
 
 
-def segment_attributes(seg: Segment, number: int, model_version: str) -> dict:
-    """dcmqi-style attributes of one segment."""
+def describe(seg: Segment, number: int, model_version: str) -> hd.seg.SegmentDescription:
+    """One segment: label, codes (the laterality modifier inside the type code item, where the
+    standard puts it), algorithm type and identification."""
     snomed = seg.category.snomed if seg.category else None
     if snomed:
-        category = _code(snomed.get("category")) or ANATOMICAL_STRUCTURE
+        category = _code(snomed["category"]) if snomed.get("category") else ANATOMICAL_STRUCTURE
         prop_type = _code(snomed)
     else:
-        category = (
-            ANATOMICAL_STRUCTURE
-            if seg.category and seg.category.type != "lesion"
-            else {"CodeValue": "C", "CodingSchemeDesignator": LOCAL_SCHEME, "CodeMeaning": "Category not coded"}
-        )
-        prop_type = {"CodeValue": f"V{seg.value}", "CodingSchemeDesignator": LOCAL_SCHEME, "CodeMeaning": seg.name[:64]}
-    attrs = {
-        "labelID": number,
-        "SegmentLabel": seg.name[:64],
-        "SegmentDescription": f"segvol-label value {seg.value}",
-        "SegmentAlgorithmType": seg.algorithm,
-        "SegmentedPropertyCategoryCodeSequence": category,
-        "SegmentedPropertyTypeCodeSequence": prop_type,
-    }
+        category = ANATOMICAL_STRUCTURE if seg.category and seg.category.type != "lesion" else NOT_CODED
+        prop_type = hd.sr.CodedConcept(f"V{seg.value}", LOCAL_SCHEME, seg.name[:64])
+    algorithm = None
     if seg.algorithm != "MANUAL":
-        attrs["SegmentAlgorithmName"] = "SegVol"
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name="SegVol", family=ARTIFICIAL_INTELLIGENCE, version=(seg.model_version or model_version)[:64]
+        )
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=seg.name[:64],
+        segmented_property_category=category,
+        segmented_property_type=prop_type,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues[seg.algorithm],
+        algorithm_identification=algorithm,
+        anatomic_regions=[_code(snomed["anatomic_region"])] if snomed and snomed.get("anatomic_region") else None,
+    )
+    description.SegmentDescription = f"segvol-label value {seg.value}"
     if snomed and snomed.get("modifier"):
-        attrs["SegmentedPropertyTypeModifierCodeSequence"] = _code(snomed["modifier"])
-    if snomed and snomed.get("anatomic_region"):
-        attrs["AnatomicRegionSequence"] = _code(snomed["anatomic_region"])
-    return attrs
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _code(snomed["modifier"])
+        ]
+    return description
 
 
 def _reference(series_dir: Path) -> tuple[sitk.Image, list[pydicom.Dataset]]:
+    """The CT as ITK orders it (slice k of our label maps) and its datasets in that order."""
     reader = sitk.ImageSeriesReader()
     files = reader.GetGDCMSeriesFileNames(str(series_dir))
     if not files:
         raise SegError(f"no DICOM series in {series_dir}")
     reader.SetFileNames(files)
     image = reader.Execute()
-    return image, [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return image, [pydicom.dcmread(f) for f in files]
 
 
 def write_seg(
@@ -111,51 +120,35 @@ def write_seg(
     present = [s for s in segments if (label_ijk == s.value).any()]
     if not present:
         raise SegError("the label is empty: a DICOM SEG needs at least one segment")
-    renumbered = np.zeros(label_ijk.shape, np.uint16)
-    for n, s in enumerate(present, start=1):
-        renumbered[label_ijk == s.value] = n
-    seg_img = sitk.GetImageFromArray(renumbered.transpose(2, 1, 0))
-    seg_img.CopyInformation(ref)
-    template = pydicom_seg.template.from_dcmqi_metainfo(
-        {
-            "ContentCreatorName": person_name(creator),
-            "ClinicalTrialSeriesID": "segvol-label",
-            "ClinicalTrialTimePointID": "1",
-            "SeriesDescription": f"SegVol {model_version} by {creator}"[:64],
-            "SeriesNumber": "300",
-            "InstanceNumber": "1",
-            "BodyPartExamined": "",
-            "segmentAttributes": [[segment_attributes(s, n, model_version) for n, s in enumerate(present, start=1)]],
-            "ContentLabel": "SEGVOL",
-            "ContentDescription": f"SegVol {model_version}"[:64],
-        }
+    # frames in the datasets' order (slice k), rows = j, columns = i; one plane per segment
+    frames = np.stack([(label_ijk == s.value).transpose(2, 1, 0) for s in present], axis=-1)
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[describe(s, n, model_version) for n, s in enumerate(present, start=1)],
+        series_instance_uid=hd.UID(),
+        series_number=300,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="segvol-label",
+        manufacturer_model_name="SegVol",
+        software_versions=f"segvol-label {segvol.__version__}; SegVol {model_version}"[:64],
+        device_serial_number="segvol-label",
+        content_creator_name=person_name(creator),
+        content_label="SEGVOL",
+        content_description=f"SegVol {model_version}"[:64],
+        series_description=f"SegVol {model_version} by {creator}"[:64],
+        omit_empty_frames=False,
     )
-    writer = pydicom_seg.MultiClassWriter(
-        template=template, inplane_cropping=False, skip_empty_slices=False, skip_missing_segment=False
-    )
-    dcm = writer.write(seg_img, datasets)
-    dcm.SoftwareVersions = f"segvol-label; SegVol {model_version}"[:64]
-    for item, s in zip(dcm.SegmentSequence, present):
-        if s.algorithm != "MANUAL":
-            item.SegmentationAlgorithmIdentificationSequence = [_algorithm(s.model_version or model_version)]
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # for lists that sort by series time
     if out is None:
         fd, name = tempfile.mkstemp(suffix=".dcm")
         os.close(fd)
         out = Path(name)
-    dcm.save_as(str(out))
+    seg.save_as(str(out))
     log.info("DICOM SEG %s by %s: %s", out, creator, ", ".join(f"{s.name}={s.value} ({s.algorithm})" for s in present))
     return out
-
-
-def _algorithm(version: str) -> pydicom.Dataset:
-    """Segmentation Algorithm Identification: SegVol and the model version that made the segment."""
-    family = pydicom.Dataset()
-    family.CodeValue, family.CodingSchemeDesignator, family.CodeMeaning = ARTIFICIAL_INTELLIGENCE
-    item = pydicom.Dataset()
-    item.AlgorithmFamilyCodeSequence = [family]
-    item.AlgorithmName = "SegVol"
-    item.AlgorithmVersion = version[:64]
-    return item
 
 
 def value_of(segment: pydicom.Dataset, vocabulary: Vocabulary) -> int | None:

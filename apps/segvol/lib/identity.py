@@ -33,10 +33,11 @@ def client_of(params: dict | None) -> str:
 
 def person_name(client: str) -> str:
     """A DICOM person name (PN) for an annotator: "Jane Doe" -> "Doe^Jane", one word as the
-    family name, a value that already has '^' as it is; 64 characters at most."""
+    family name ("annotator-3f9a^": without the '^' it reads as the retired free-text form), a
+    value that already has '^' as it is; 64 characters at most."""
     if "^" in client:
         return client[:64]
     parts = client.split()
     if len(parts) > 1:
         return f"{parts[-1]}^{' '.join(parts[:-1])}"[:64]
-    return client[:64]
+    return f"{client[:63]}^"

@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         help="zoom-in window overlap: 0.5 (faithful, default); lower means fewer windows, approximate (see README)",
     )
     s.add_argument("--verify-sha256", action="store_true", help="check the weights against the official hash")
+    s.add_argument(
+        "--exact-text",
+        action="store_true",
+        help="send each --text as typed, as the official pipeline does (default: a synonym goes as its trained name)",
+    )
 
     b = sub.add_parser(
         "bench",
@@ -159,7 +164,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     volume = read_volume(a.image)
-    texts = resolve_texts(a.text)
+    texts = resolve_texts(a.text, exact=a.exact_text)
     points = a.point + a.negative_point
     labels = [1] * len(a.point) + [0] * len(a.negative_point)
     check_volume(volume.array)

@@ -35,6 +35,7 @@ from segvol.prompts import (
 )
 
 log = logging.getLogger(__name__)
+TEXT_CACHE_ENTRIES = 512  # text embeddings kept (a few KB each)
 
 WindowKey = tuple[tuple[int, int, int], ...]
 # fp32 is the faithful default; bf16 / fp16 are opt-in approximations (their measured effect is in README)
@@ -227,7 +228,8 @@ class SegVolPredictor:
         self._entry: ImageCache | None = None
         self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
         self.timings: dict[str, float] = defaultdict(float)
-        self._text_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        # texts come from clients: an LRU, so distinct texts cannot grow it without bound
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
         self.store: EmbeddingStore | None = None  # encodings on disk as well (fine-tune rounds set one)
         self.reset_image()
 
@@ -331,11 +333,15 @@ class SegVolPredictor:
 
     @torch.no_grad()
     def text_embedding(self, name: str) -> tuple[torch.Tensor, list[int]]:
-        if name not in self._text_cache:
-            t0 = time.perf_counter()
-            ids = self.model.text_encoder.tokenize([name])["input_ids"][0].tolist()
-            self._text_cache[name] = (self.model.encode_text([name]), ids)
-            self.timings["text"] += time.perf_counter() - t0
+        if name in self._text_cache:
+            self._text_cache.move_to_end(name)
+            return self._text_cache[name]
+        t0 = time.perf_counter()
+        ids = self.model.text_encoder.tokenize([name])["input_ids"][0].tolist()
+        self._text_cache[name] = (self.model.encode_text([name]), ids)
+        while len(self._text_cache) > TEXT_CACHE_ENTRIES:
+            self._text_cache.popitem(last=False)
+        self.timings["text"] += time.perf_counter() - t0
         return self._text_cache[name]
 
     # ------------------------------------------------------------------ decoding

@@ -41,7 +41,7 @@ class Resolved:
     typed: str
     name: str
     category: Category | None
-    via: str  # "name", "synonym" or "unknown"
+    via: str  # "name", "synonym", "unknown" or "as typed"
     suggestions: tuple[str, ...] = ()
 
 
@@ -88,7 +88,12 @@ class Vocabulary:
         64033007 "Kidney" with modifier SCT 7771000 "Left" -> left kidney); None if none is coded so."""
         return self.by_code.get((scheme, str(code), modifier))
 
-    def resolve(self, text: str) -> Resolved:
+    def resolve(self, text: str, exact: bool = False) -> Resolved:
+        """What the model receives for a typed text: the trained name of its category (a synonym
+        mapped), or with ``exact`` the text as typed, the category kept for labelling."""
+        if exact:
+            found = self.resolve(text)
+            return Resolved(text, text.strip(), found.category, "as typed", found.suggestions)
         key = _norm(text)
         if key in self.by_name:
             return Resolved(text, self.by_name[key].name, self.by_name[key], "name")
@@ -111,12 +116,13 @@ def default_vocabulary() -> Vocabulary:
     return Vocabulary()
 
 
-def resolve_texts(texts: list[str], vocabulary: Vocabulary | None = None) -> list[Resolved]:
-    """Resolve typed names, logging a warning for each unknown one."""
+def resolve_texts(texts: list[str], vocabulary: Vocabulary | None = None, exact: bool = False) -> list[Resolved]:
+    """Resolve typed names, logging a warning for each unknown one. With ``exact``, the model gets
+    the text as typed (as the official pipeline sends it), its category kept for the label value."""
     vocabulary = vocabulary or default_vocabulary()
     out = []
     for t in texts:
-        r = vocabulary.resolve(t)
+        r = vocabulary.resolve(t, exact)
         if r.via == "unknown":
             hint = f"; closest known: {', '.join(r.suggestions)}" if r.suggestions else ""
             log.warning("'%s' is not a SegVol training category: used as typed%s", t, hint)

@@ -40,6 +40,19 @@ def test_several_texts_give_a_label_map_and_a_sidecar(tiny_weights, phantom_file
     assert report["stats"]["encoder_windows"] >= 1
 
 
+def test_exact_text_sends_the_text_as_typed(tiny_weights, phantom_file, tmp_path):
+    args = ["segment", "--weights", str(tiny_weights), "--image", str(phantom_file), "--no-zoom-in"]
+    args += ["--text", "hepar", "--report", str(tmp_path / "r.json")]
+    run_cli(*args, "--output", str(tmp_path / "mapped.nii.gz"), check=True)
+    run_cli(*args, "--output", str(tmp_path / "typed.nii.gz"), "--exact-text", check=True)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["texts"][0]["sent"] == "hepar" and report["texts"][0]["via"] == "as typed"
+    assert report["targets"][0]["model_space"]["text"] == "hepar"  # what the model received
+    mapped = np.asanyarray(nib.load(str(tmp_path / "mapped.nii.gz")).dataobj)
+    typed = np.asanyarray(nib.load(str(tmp_path / "typed.nii.gz")).dataobj)
+    assert not np.array_equal(mapped, typed)  # another text, another answer
+
+
 def test_unknown_text_is_used_with_a_warning_naming_close_categories(tiny_weights, phantom_file, tmp_path):
     proc = run_cli(
         "segment",

@@ -20,6 +20,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.dicomweb
 RIGHT_LUNG = 84
+LUNG1_AFFINE = nib.load(str(ROOT / "sample-datastore" / "lung1.nii.gz")).affine  # labels go on the image's grid
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_a_slicer_session_ends_with_a_seg_in_the_archive(server, archive, tmp_pa
     assert label.shape == (512, 512, 48)
     edited = (label == RIGHT_LUNG).astype(np.uint8)  # Slicer exports segment 1 ...
     edited[:, :, 40:] = 0  # ... after the annotator erased the top slices
-    nib.save(nib.Nifti1Image(edited, np.eye(4)), str(tmp_path / "label.nii.gz"))
+    nib.save(nib.Nifti1Image(edited, LUNG1_AFFINE), str(tmp_path / "label.nii.gz"))
     saved = client.save_label(
         image_id, str(tmp_path / "label.nii.gz"), tag="final", params={"label_info": [{"name": "right lung", "idx": 1}]}
     )
@@ -118,7 +119,7 @@ def test_an_unedited_result_is_stored_as_automatic(server, archive, tmp_path):
     image_id = archive.series["lung1"]
     result_file, _ = client.infer("segvol", image_id, {"label_prompt": [62]})
     label, _ = nrrd.read(result_file)
-    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "label.nii.gz"))
+    nib.save(nib.Nifti1Image(label, LUNG1_AFFINE), str(tmp_path / "label.nii.gz"))
     client.save_label(image_id, str(tmp_path / "label.nii.gz"), tag="final")
     (segment,) = archive.segs()[-1].SegmentSequence
     assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("left lung", "AUTOMATIC")
@@ -182,7 +183,7 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     before = len(archive.segs())
     label = np.zeros((512, 512, 48), np.uint8)
     label[200:260, 200:260, 20:25] = 1
-    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(label, LUNG1_AFFINE), str(tmp_path / "a.nii.gz"))
     archive.stop()
     try:
         with pytest.raises(MONAILabelClientException) as e:
@@ -199,7 +200,7 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     finally:
         archive.start()
     label[300:320, 300:320, 10:12] = 2
-    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "b.nii.gz"))
+    nib.save(nib.Nifti1Image(label, LUNG1_AFFINE), str(tmp_path / "b.nii.gz"))
     client.save_label(
         image_id,
         str(tmp_path / "b.nii.gz"),

@@ -251,3 +251,16 @@ def test_an_allocation_failure_is_a_clear_error_not_a_crash(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "refused: out of memory on cpu while preprocessing a 512x512x300 volume" in out.stdout
     assert "then segmented (30, 30, 40)" in out.stdout
+
+
+def test_text_embeddings_are_kept_in_a_bounded_lru(tiny_model, monkeypatch):
+    import segvol.engine as engine
+
+    monkeypatch.setattr(engine, "TEXT_CACHE_ENTRIES", 4)
+    predictor = engine.SegVolPredictor(tiny_model, "cpu")
+    for n in range(10):  # texts a client chose
+        predictor.text_embedding(f"organ {n}")
+    assert list(predictor._text_cache) == [f"organ {n}" for n in range(6, 10)]
+    predictor.text_embedding("organ 6")  # used again: kept, the oldest other one goes next
+    predictor.text_embedding("organ 10")
+    assert list(predictor._text_cache) == ["organ 8", "organ 9", "organ 6", "organ 10"]

@@ -170,6 +170,64 @@ def test_a_hundred_bad_requests_get_4xx_and_the_server_stays_up(server, tmp_path
     )
     check(r, "wrong content type")
 
+    # params of every JSON type, on every endpoint that takes them
+    for raw in ("null", '"liver"', "5", "[1, 2]", "true", "1.5"):
+        for task in ("segvol", "segvol_segmentation", "segvol_deepgrow"):
+            r = requests.post(f"{url}/infer/{task}", params={"image": "ct"}, files={"params": (None, raw)}, timeout=60)
+            check(r, f"infer {task} params {raw}")
+        r = requests.put(
+            f"{url}/datastore/label",
+            params={"image": "ct", "tag": "final"},
+            files={"label": ("label.nii.gz", content), "params": (None, raw)},
+            timeout=60,
+        )
+        check(r, f"label upload params {raw}")
+        if raw == "null":  # no params at all asks for the defaults: a round would start, a batch would run
+            continue
+        for path in ("/activelearning/random", "/train/segvol", "/batch/infer/segvol"):
+            r = requests.post(url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+            check(r, f"{path} body {raw}")
+    for strategy in ("nosuch", "../random", "RANDOM"):
+        check(requests.post(f"{url}/activelearning/{strategy}", json={}, timeout=60), f"strategy {strategy!r}")
+    # a request never starts a round or a batch it did not ask for correctly
+    for body in (
+        {"max_epochs": -1},
+        {"max_epochs": "many"},
+        {"steps": -1},
+        {"steps": "many"},
+        {"steps": 1.5},
+        {"steps": True},
+        {"steps": 10**9},
+        {"lr": 0},
+        {"lr": "fast"},
+        {"lr": float("nan")},
+        {"seed": -3},
+        {"segvol": {"steps": 5}},
+    ):
+        check(requests.post(f"{url}/train/segvol", data=json.dumps(body, allow_nan=True), timeout=60), f"train {body}")
+    check(requests.post(f"{url}/train/nosuch", json={}, timeout=60), "train an unknown model")
+    check(requests.post(f"{url}/train/", json={"segvol": {"steps": -1}}, timeout=60), "train all, bad steps")
+    check(requests.post(f"{url}/train/", json={"nosuch": {}}, timeout=60), "train all, unknown model")
+    for body in (
+        {},
+        {"label_prompt": [999]},
+        {"texts": "liver", "max_workers": -1},
+        {"texts": "liver", "save_label": "yes"},
+        {"texts": "liver", "label_tag": "../x"},
+        {"texts": "liver", "points": "1,2,3"},
+        {"texts": "liver", "exact_text": "yes"},
+    ):
+        check(requests.post(f"{url}/batch/infer/segvol", json=body, timeout=60), f"batch {body}")
+    check(requests.post(f"{url}/batch/infer/nosuch", json={"texts": "liver"}, timeout=60), "batch unknown model")
+    r = requests.get(f"{url}/train/", timeout=30)
+    assert r.status_code == 404, f"a round was started: {r.text}"  # no task has ever run
+    r = requests.get(f"{url}/batch/infer", timeout=30)
+    assert r.status_code == 404, f"a batch was started: {r.text}"
+    for path in ("/ohif/..%2F..%2F..%2Fetc%2Fpasswd", "/ohif/app-config.js?x=../../etc/passwd", "/ohif/%00"):
+        r = requests.get(url + path, timeout=30)
+        assert r.status_code < 500 and "root:x:" not in r.text, (path, r.status_code)
+        tried.append(f"ohif {path}")
+
     assert len(tried) >= 100, len(tried)
     good = requests.post(
         f"{url}/infer/segvol",

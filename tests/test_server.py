@@ -125,7 +125,10 @@ def test_slicer_deepgrow_with_label_clicks_and_roi(server, tmp_path):
 def test_slicer_deepgrow_with_a_segment_name_outside_the_vocabulary(server, tmp_path):
     client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
     result_file, result = client.infer("segvol_deepgrow", "abdo", {"label": "Segment_1", "foreground": [[60, 40, 12]]})
-    assert result["label_names"] == {"Segment_1": 1} and result["prompts"][0]["text"] is None
+    # a free value, never a category's (1 is liver's)
+    assert result["label_names"] == {"Segment_1": 224} and result["prompts"][0]["text"] is None
+    _, clicks = client.infer("segvol_deepgrow", "abdo", {"foreground": [[60, 40, 12]]})
+    assert list(clicks["label_names"].values()) == [224]
 
 
 def test_ohif_class_prompts(server, tmp_path):
@@ -175,6 +178,9 @@ def test_rest_text_box_and_points_together(server):
         assert p["box"] == [30, 20, 4, 70, 60, 18] and p["points"] == [[50, 40, 12]]
         assert p["model_space"]["box_dhw"] is not None and p["zoom_in_windows"] == 0
     assert meta["prompts"][0]["text"] == "liver"  # the synonym went to the model as the trained name
+    typed = _ohif(server, "segvol_segmentation", "abdo", dict(body, exact_text=True), output="json").json()
+    assert typed["prompts"][0]["text"] == "hepar" and typed["label_names"] == meta["label_names"]
+    assert _ohif(server, "segvol_segmentation", "abdo", dict(body, exact_text="yes")).status_code == 400
 
 
 def test_the_sample_ct_segments_on_its_own_grid(server, tmp_path):

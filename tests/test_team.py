@@ -198,6 +198,48 @@ def test_two_saves_of_one_image_at_once_both_answer_and_the_final_is_whole(serve
     assert sorted(h["client"] for h in history) == ["annotator-0", "annotator-1"]
 
 
+def test_a_label_must_lie_on_the_image_grid_and_name_every_value(server, tmp_path):
+    image = IMAGES[2]
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    label = np.zeros((48, 40, 12), np.uint8)
+    label[5:15, 5:15, 2:5] = 1
+    label[20:25, 20:25, 6:8] = 2
+
+    def upload(array, aff, info):
+        path = tmp_path / "label.nii.gz"
+        nib.save(nib.Nifti1Image(array, aff), str(path))
+        return requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": image, "tag": "final"},
+            files={"params": (None, json.dumps(info)), "label": ("label.nii.gz", path.read_bytes())},
+            timeout=60,
+        )
+
+    names = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}
+    flipped = affine.copy()
+    flipped[0, 0] = -2.0
+    for aff, wanted in ((flipped, "direction"), (affine + np.diag([0, 0, 0.5, 0]), "spacing")):
+        r = upload(label, aff, names)
+        assert r.status_code == 400 and "grid differs" in r.text and wanted in r.text, r.text
+    shifted = affine.copy()
+    shifted[:3, 3] = [4.0, 0, 0]
+    r = upload(label, shifted, names)
+    assert r.status_code == 400 and "origin" in r.text, r.text
+    for info, message in (
+        ({"label_info": [{"name": "liver", "idx": 1}]}, "label values [2] are in the label"),
+        ({"label_info": [{"name": "liver"}]}, "1 names for the 2 values"),
+        ({"label_info": [{"name": "liver", "idx": "one"}, {"name": "spleen", "idx": 2}]}, "not a whole number"),
+        ({"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen"}]}, "for every entry or for none"),
+        ({"label_info": [{"name": "", "idx": 1}]}, "non-empty names"),
+    ):
+        r = upload(label, affine, info)
+        assert r.status_code == 400 and message in r.text, (info, r.text)
+    assert not (server.studies / "labels" / "final" / f"{image}.nii.gz").exists()  # nothing stored
+    r = upload(label, affine, {"label_info": [{"name": "liver", "idx": "1"}, {"name": "my blob", "idx": 2}]})
+    assert r.status_code == 200, r.text
+    assert {s["name"]: s["value"] for s in r.json()["segments"]} == {"liver": 1, "my blob": 224}
+
+
 def test_bad_team_requests_change_nothing(server):
     held = _next(server, "keeper")["id"]
     bad_clients = ["a\\b", "x" * 200, "tab\there", 5, ["list"], ""]

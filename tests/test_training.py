@@ -91,7 +91,7 @@ def test_the_gate_rejects_a_round_made_worse_and_the_served_weights_stay_bit_ide
     service, datastore, trainer = app_parts
     service.load()
     before = {k: v.clone() for k, v in service.predictor.model.state_dict().items()}
-    result = trainer({"steps": 40, "lr": 3.0}, datastore)  # a learning rate that wrecks the decoder
+    result = trainer({"steps": 40, "lr": 1.0}, datastore)  # a learning rate that wrecks the decoder
     assert result["status"].startswith("rejected"), result
     assert service.versions.active() == "base" and service.versions.names() == ["v0001"]
     after = service.predictor.model.state_dict()
@@ -221,7 +221,7 @@ def test_versions_from_the_command_line(app_parts):
 
     service, datastore, trainer = app_parts
     assert trainer(dict(ROUND), datastore)["status"] == "promoted"
-    trainer({"steps": 40, "lr": 3.0}, datastore)  # v0002, rejected
+    trainer({"steps": 40, "lr": 1.0}, datastore)  # v0002, rejected
     root = str(service.versions.root)
     listed = run_cli("versions", "list", "--dir", root, check=True).stdout
     lines = listed.splitlines()

@@ -16,12 +16,14 @@ import jwt
 import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
-from fastapi import Depends, HTTPException, Request
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
 from monailabel.config import settings
+from monailabel.endpoints import batch_infer, train
 from monailabel.endpoints.activelearning import sample
+from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
@@ -101,6 +103,17 @@ async def identify(request: Request, call_next):
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
 SEGVOL_MODE = Path(__file__).parent / "static" / "segvol-mode.js"
 SignedIn = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
+Admin = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))]
+
+
+def _checked(fn, *args):
+    """``fn(*args)``, a RequestError answered 400 with its message."""
+    from lib.validation import RequestError
+
+    try:
+        return fn(*args)
+    except RequestError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from e
 
 
 @app.get("/ohif/app-config.js", include_in_schema=False)
@@ -114,6 +127,61 @@ def next_image(strategy: str, user: SignedIn, params: dict | None = None) -> dic
     """MONAI Label's next sample, run off the event loop (a strategy may encode images), through
     the app's leases; when nothing is left, a message that says so."""
     return sample(strategy, params, user.username) or {"message": NOTHING_LEFT}
+
+
+@app.post("/infer/{model}", summary="Run inference (params: a JSON object)")
+def infer(
+    background_tasks: BackgroundTasks,
+    model: str,
+    user: SignedIn,
+    image: str = "",
+    session_id: str = "",
+    params: Annotated[str, Form()] = "{}",
+    file: Annotated[UploadFile | None, File()] = None,
+    label: Annotated[UploadFile | None, File()] = None,
+    output: ResultType | None = None,
+):
+    """MONAI Label's inference, with ``params`` checked to be a JSON object first (MONAI Label
+    answers null or a string with a 500), run off the event loop."""
+    from lib.validation import params_object
+
+    _checked(params_object, params)
+    return run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+
+def _trainer(model: str):
+    trainer = app_instance()._trainers.get(model)
+    if trainer is None:
+        raise HTTPException(
+            status_code=404, detail=f"no trainer {model!r}; available: {', '.join(app_instance()._trainers)}"
+        )
+    return trainer
+
+
+@app.post("/train/{model}", summary="Start a fine-tune round (parameters checked before anything starts)")
+def train_model(model: str, user: Admin, params: dict | None = None, run_sync: bool = False, enqueue: bool = False):
+    _checked(_trainer(model).check_params, params or {})
+    return train.run_model(model, params, run_sync, enqueue)
+
+
+@app.post("/train/", summary="Start a round of every trainer", include_in_schema=False)
+def train_all(user: Admin, params: dict | None = None, run_sync: bool = False):
+    for model, asked in (params or {}).items():
+        if not isinstance(asked, dict):
+            raise HTTPException(status_code=400, detail=f"params[{model!r}] must be a JSON object")
+        _checked(_trainer(model).check_params, asked)
+    return train.run(params, run_sync)
+
+
+@app.post("/batch/infer/{model}", summary="Run a task over the datastore (parameters checked before it starts)")
+def batch(model: str, user: Admin, images: batch_infer.BatchInferImageType = "all", params: dict | None = None):
+    task = app_instance()._infers.get(model)
+    if task is None:
+        raise HTTPException(
+            status_code=404, detail=f"no model {model!r}; available: {', '.join(app_instance()._infers)}"
+        )
+    _checked(task.check_batch_params, params or {})
+    return batch_infer.run(model, images, params)
 
 
 def _client(client_id: str | None) -> str:
@@ -188,8 +256,9 @@ def label_voxels(image: str, user: SignedIn, seg: str | None = None) -> Response
     )
 
 
-# ahead of MONAI Label's own routes (its /activelearning and the /ohif/{path} catch-all)
-ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in (ohif_config, next_image)]
+# ahead of MONAI Label's own routes (the same paths, and the /ohif/{path} catch-all)
+OVERRIDES = (ohif_config, next_image, infer, train_model, train_all, batch)
+ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in OVERRIDES]
 app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
 
 __all__ = ["app"]

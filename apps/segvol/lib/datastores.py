@@ -58,6 +58,8 @@ class SegVolLabels:
     def _prepare_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict):
         try:
             check_tag(label_tag)
+            if not isinstance(label_info, dict):
+                raise LabelError(f"params must be a JSON object, got {type(label_info).__name__}")
             client = client_of(label_info)
             if image_id not in self.list_images():
                 raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")

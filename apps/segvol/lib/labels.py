@@ -34,6 +34,30 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+GRID_TOLERANCE_MM = 1e-3  # per affine entry, plus a relative 1e-5 of its size (float32 files)
+
+
+def check_grid(label_affine: np.ndarray, image_affine: np.ndarray) -> None:
+    """The label's voxels must be the image's: the same voxel -> millimetre map, to a
+    thousandth of a millimetre (a flipped, shifted or resampled label is refused, not moved)."""
+    diff = np.abs(label_affine - image_affine)
+    if np.all(diff[:3] <= GRID_TOLERANCE_MM + 1e-5 * np.abs(image_affine[:3])):
+        return
+    spacing = [np.linalg.norm(a[:3, :3], axis=0).round(4).tolist() for a in (label_affine, image_affine)]
+    origin = [a[:3, 3].round(3).tolist() for a in (label_affine, image_affine)]
+    direction = [
+        (a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)).round(3).tolist() for a in (label_affine, image_affine)
+    ]
+    parts = [
+        f"{what} {mine} vs the image's {theirs}"
+        for what, (mine, theirs) in (("spacing", spacing), ("origin (RAS mm)", origin), ("direction", direction))
+        if mine != theirs
+    ]
+    raise LabelError(
+        "the label's grid differs from the image's: " + ("; ".join(parts) or f"affine off by {diff.max():.2g} mm")
+    )
+
+
 def read_upload(path: str | Path, image: Volume) -> np.ndarray:
     """A label file as an (i, j, k) integer array on the image's grid. ``.bin`` is OHIF's raw
     uint8 labelmap in Fortran order."""
@@ -44,11 +68,13 @@ def read_upload(path: str | Path, image: Volume) -> np.ndarray:
             raise LabelError(f"raw label has {raw.size} bytes; the image has {image.array.size} voxels")
         return raw.reshape(image.array.shape, order="F")
     try:
-        arr = np.asarray(read_volume(p).array)
+        volume = read_volume(p)
     except ImageReadError as e:
         raise LabelError(f"the label is not a readable volume: {e}") from e
+    arr = np.asarray(volume.array)
     if arr.shape != image.array.shape:
         raise LabelError(f"label shape {arr.shape} differs from the image shape {image.array.shape}")
+    check_grid(volume.affine, image.affine)
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise LabelError("label values must be whole numbers")
@@ -57,18 +83,42 @@ def read_upload(path: str | Path, image: Volume) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def names_of(present: list[int], label_info) -> dict[int, str]:
+    """Value -> name from ``label_info``: [{"name", "idx"}] gives each value's name by its idx;
+    [{"name"}] (OHIF) one name per value present, ascending. Every value present must be named."""
+    if not label_info:
+        return {}
+    if not isinstance(label_info, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip() for d in label_info
+    ):
+        raise LabelError('label_info must be a list of {"name": "...", "idx": n} objects with non-empty names')
+    with_idx = [d for d in label_info if "idx" in d]
+    if with_idx and len(with_idx) != len(label_info):
+        raise LabelError("label_info: give idx for every entry or for none")
+    if with_idx:
+        names = {}
+        for d in label_info:
+            idx = d["idx"]
+            if isinstance(idx, bool) or not isinstance(idx, int | float | str) or not str(idx).strip().isdigit():
+                raise LabelError(f"label_info idx {idx!r} (for {d['name']!r}) is not a whole number")
+            names[int(str(idx).strip())] = d["name"].strip()
+        missing = [v for v in present if v not in names]
+        if missing:
+            raise LabelError(f"label values {missing} are in the label but label_info names only {sorted(names)}")
+        return names
+    if len(label_info) != len(present):
+        raise LabelError(
+            f"label_info has {len(label_info)} names for the {len(present)} values in the label {present}: "
+            "one name per value, in ascending value order (or give idx)"
+        )
+    return {v: d["name"].strip() for v, d in zip(present, label_info)}
+
+
 def normalise(arr: np.ndarray, label_info: list | None, vocabulary: Vocabulary) -> tuple[np.ndarray, list[LabelPart]]:
-    """Map the client's values to the app's: names from ``label_info`` ([{"name", "idx"?}], idx
-    absent: one entry per value present, ascending), else the value itself as a label index."""
+    """Map the client's values to the app's: names from ``label_info`` (names_of), else the value
+    itself as a label index. Names outside the vocabulary get free values, never a category's."""
     present = [int(v) for v in np.unique(arr) if v != 0]
-    names: dict[int, str] = {}
-    if label_info:
-        if not isinstance(label_info, list) or not all(isinstance(d, dict) and "name" in d for d in label_info):
-            raise LabelError('label_info must be a list of {"name": ..., "idx": ...} objects')
-        if all("idx" in d for d in label_info):
-            names = {int(d["idx"]): str(d["name"]) for d in label_info}
-        else:
-            names = {v: str(d["name"]) for v, d in zip(present, label_info)}
+    names = names_of(present, label_info)
     out = np.zeros(arr.shape, np.uint8)
     parts: list[LabelPart] = []
     free = iter(FREE_VALUES)

@@ -40,6 +40,13 @@ class Output:
     compress: bool
 
 
+def flag(params: dict, key: str, default: bool = False) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise ParamError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def output_options(params: dict) -> Output:
     ext = params.get("result_extension") or ".nrrd"
     if ext not in EXTENSIONS:
@@ -109,9 +116,10 @@ def slicer_roi(params: dict, shape) -> list | None:
 class PromptBuilder:
     """Turns names and clicks into targets with stable voxel values."""
 
-    def __init__(self, vocabulary: Vocabulary, shape) -> None:
+    def __init__(self, vocabulary: Vocabulary, shape, exact_text: bool = False) -> None:
         self.vocabulary = vocabulary
         self.shape = shape
+        self.exact_text = exact_text  # send texts as typed (no synonym mapping)
         self._next_free = FIRST_FREE_VALUE
 
     def by_index(self, index) -> str:
@@ -121,9 +129,13 @@ class PromptBuilder:
         return self.vocabulary.categories[index - 1].name
 
     def target(self, text: str | None, points=None, labels=None, box=None, name: str | None = None) -> Target:
-        sent, value = None, 1
-        if text is not None:
-            r = self.vocabulary.resolve(text)
+        """A target's value: its category's /info index, else (a name outside the vocabulary, or
+        clicks and a box without a name) a free value from 224 up, never a category's."""
+        sent, value = None, None
+        if text is None:
+            value = self._free_value(name or "clicks")
+        else:
+            r = self.vocabulary.resolve(text, self.exact_text)
             if r.category is not None:
                 sent, value = r.name, r.category.index
             else:

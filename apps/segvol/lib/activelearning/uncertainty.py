@@ -9,6 +9,7 @@ asking again costs nothing until the model or the images change.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -17,6 +18,7 @@ from lib.service import SegVolService
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
+MAX_SCORES = 4096
 
 
 def mean_entropy(logits: torch.Tensor) -> float:
@@ -29,7 +31,7 @@ class Uncertainty(Strategy):
         super().__init__("Least certain SegVol prediction first (mean entropy of the zoom-out pass)")
         self.service = service
         self.max_images = max_images
-        self._scores: dict[tuple, float] = {}
+        self._scores: OrderedDict[tuple, float] = OrderedDict()  # keyed by client input too: an LRU
 
     def categories(self, request: dict, datastore) -> list[str]:
         vocab = self.service.vocabulary
@@ -61,6 +63,8 @@ class Uncertainty(Strategy):
                         for n in names
                     ]
             self._scores[key] = sum(values) / len(values)
+            while len(self._scores) > MAX_SCORES:
+                self._scores.popitem(last=False)
         return self._scores[key]
 
     def __call__(self, request: dict, datastore) -> dict | None:

@@ -11,8 +11,10 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.identity import IdentityError, client_of
-from lib.params import PromptBuilder, Target, output_options
+from lib.labels import TAG
+from lib.params import PromptBuilder, Target, flag, output_options
 from lib.service import SegVolService, ServiceUnavailable
+from lib.validation import Param, RequestError, check
 from segvol.engine import ImageTooLarge
 from segvol.io import ImageReadError, write_like
 from segvol.preprocess import ImageError
@@ -44,12 +46,42 @@ class SegVolInferTask(InferTask):
     def targets(self, params: dict, builder: PromptBuilder) -> list[Target]:
         """The targets this client's parameters ask for."""
 
+    # MONAI Label's batch run: its own keys, and the prompts of this task for every image
+    BATCH = {
+        "max_workers": Param(int, 0, 64, "parallel images"),
+        "max_batch_size": Param(int, 0, 4096, "images per batch, 0: all"),
+    }
+    BATCH_TEXT = ("device", "gpus", "logging")
+    BATCH_FLAGS = ("multi_gpu", "save_label")
+
+    def check_batch_params(self, params: dict) -> None:
+        """Everything a batch run would use, checked before it starts: its own keys' types, and
+        the prompt, parsed as this task parses it (coordinates are checked per image as it runs)."""
+        prompt = dict(params)
+        check({k: prompt.pop(k) for k in list(prompt) if k in self.BATCH}, self.BATCH, frozenset(), "a batch run")
+        for key in self.BATCH_TEXT:
+            if key in prompt and not isinstance(prompt.pop(key), str):
+                raise RequestError(f"a batch run: {key} must be a string")
+        for key in self.BATCH_FLAGS:
+            if key in prompt and not isinstance(prompt.pop(key), bool):
+                raise RequestError(f"a batch run: {key} must be true or false")
+        tag = prompt.pop("label_tag", "original")
+        if not isinstance(tag, str) or not TAG.match(tag):
+            raise RequestError(f"a batch run: label_tag {tag!r} is not allowed (letters, digits, '_' and '-')")
+        try:
+            client_of(prompt)
+            output_options(prompt)
+            self.targets(prompt, PromptBuilder(self.service.vocabulary, (2**31 - 1,) * 3, flag(prompt, "exact_text")))
+        except (PromptError, IdentityError) as e:
+            raise RequestError(f"a batch run: {e}") from e
+
     def __call__(self, request: dict) -> tuple[str, dict]:
         try:
             client = client_of(request)
             out = output_options(request)
             volume = self.service.read(request["image"])
-            targets = self.targets(request, PromptBuilder(self.service.vocabulary, volume.array.shape))
+            builder = PromptBuilder(self.service.vocabulary, volume.array.shape, flag(request, "exact_text"))
+            targets = self.targets(request, builder)
         except (PromptError, ImageError, ImageReadError, IdentityError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
         values = [t.value for t in targets]

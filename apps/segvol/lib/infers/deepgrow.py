@@ -9,7 +9,7 @@ from lib.params import PromptBuilder, Target, _list, explicit, slicer_roi, with_
 class SegVolDeepgrow(SegVolInferTask):
     """``foreground`` / ``background`` clicks, ``roi`` box, and ``label`` (the segment's name, used
     as a text prompt when it names a SegVol category). The mask is written with the label's
-    /info index (1 for names outside the vocabulary), reported in label_names."""
+    /info index (a free value from 224 up for names outside the vocabulary), reported in label_names."""
 
     def __init__(self, service) -> None:
         super().__init__(service, "deepgrow", "SegVol: positive/negative clicks and an ROI box, with the segment name")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lib.service import SegVolService
 from lib.trainers.progress import RUNNING, RoundProgress
+from lib.validation import Param, check
 from segvol.embedding_store import EmbeddingStore, encoder_digest
 from segvol.finetune import DecoderTrainer, View, trainable_state, views_of
 from segvol.io import read_volume
@@ -62,6 +63,18 @@ def split(items: list[tuple[str, str, str, str]]) -> tuple[list, list]:
 
 
 class SegVolDecoderTrainer(TrainTask):
+    PARAMETERS = {
+        "steps": Param(int, 1, 100_000, "decoder optimiser steps"),
+        "lr": Param(float, 1e-8, 1.0, "learning rate"),
+        "seed": Param(int, 0, 1_000_000, "seed of the simulated prompts"),
+    }
+    # what MONAI Label (its server and its training process) and the clients add to every request
+    PASSED_THROUGH = frozenset({"model", "client_id", "gpus", "local_rank"})
+
+    def check_params(self, params: dict) -> dict:
+        """The request's round parameters, checked (lib.validation.RequestError names a bad one)."""
+        return check(params, self.PARAMETERS, self.PASSED_THROUGH, "a SegVol fine-tune round")
+
     def __init__(self, service: SegVolService) -> None:
         super().__init__("Fine-tune SegVol's decoder on the final labels (encoders frozen)")
         self.service = service
@@ -152,8 +165,9 @@ class SegVolDecoderTrainer(TrainTask):
     def _round(self, request: dict, datastore, progress: RoundProgress) -> dict:
         t0 = time.time()
         s = self.service.settings
-        steps = int(request.get("steps", s.train_steps))
-        lr = float(request.get("lr", s.train_lr))
+        asked = self.check_params(request)
+        steps = asked.get("steps", s.train_steps)
+        lr = asked.get("lr", s.train_lr)
         items = self.labelled(datastore)
         progress.start(len(items), steps)
         if len(items) < 2:
@@ -184,7 +198,7 @@ class SegVolDecoderTrainer(TrainTask):
         progress.update("measuring", 0, 1)
         if not train_views:
             return {"status": "skipped", "reason": "the final labels name no SegVol category"}
-        trainer = DecoderTrainer(predictor, lr=lr, seed=int(request.get("seed", 0)))
+        trainer = DecoderTrainer(predictor, lr=lr, seed=asked.get("seed", 0))
         trained = sorted({v.category for v in train_views})
         others = [c for c in s.auto_labels if c not in trained][:3]
         replay = trainer.replay_views(train_views + val_views, others)

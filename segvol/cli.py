@@ -194,7 +194,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
                         {"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)}
                         for t in texts
                     ],
-                    "targets": [t.trace for t in targets],
+                    "targets": [t.trace.as_json() for t in targets],
                     "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
                     "stats": dict(predictor.stats),
                 },

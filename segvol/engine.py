@@ -9,35 +9,28 @@ Several prompts in one ``predict`` call share all encoder passes.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from segvol.embedding_store import EmbeddingStore
+from segvol.encoding_cache import EncodingCache, ImageEncodings
 from segvol.labelmap import combine
+from segvol.memory import ImageTooLarge, check_fits, memory_guard
 from segvol.model import SegVol
-from segvol.preprocess import ImageError, PreparedImage, check_volume, digest, prepare, to_image_grid
-from segvol.prompts import (
-    NO_BOX,
-    Prompt,
-    box_to_model,
-    mask_box,
-    model_box_on_crop,
-    points_to_crop,
-    points_to_model,
-)
+from segvol.preprocess import PreparedImage, check_volume, digest, prepare, to_image_grid
+from segvol.prompts import NO_BOX, Prompt, box_to_model, points_to_model
+from segvol.trace import ModelSpace, Trace, WindowTrace, ZoomInTrace
+from segvol.zoom_in import Plan, WindowKey, pad_roi, paste, plan_prompt, window_grid, window_volume
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_ENTRIES = 512  # text embeddings kept (a few KB each)
 
-WindowKey = tuple[tuple[int, int, int], ...]
 # fp32 is the faithful default; bf16 / fp16 are opt-in approximations (their measured effect is in README)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,83 +44,13 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
-class ImageTooLarge(ImageError):
-    """The volume does not fit the memory of the machine or device that would process it."""
-
-
-# peak working set of preprocessing on the CPU, per voxel: float32 copy, voxels above the mean,
-# their partitioned copy, the clipped output
-PREPROCESS_BYTES_PER_VOXEL = 16
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says a new allocation can get without swapping (None where unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_fits(shape: tuple[int, ...]) -> None:
-    """Refuse, before touching a voxel, a volume whose preprocessing cannot fit in memory: an
-    allocation that the kernel grants and cannot back ends in the OOM killer, not an error."""
-    need = math.prod(shape) * PREPROCESS_BYTES_PER_VOXEL
-    free = available_memory()
-    if free is not None and need > free:
-        raise ImageTooLarge(
-            f"the volume {'x'.join(map(str, shape))} ({math.prod(shape) / 1e6:.0f} M voxels) needs about "
-            f"{need / 2**30:.1f} GB to preprocess and this machine has {free / 2**30:.1f} GB available"
-        )
-
-
-@contextmanager
-def memory_guard(what: str, device: torch.device) -> Iterator[None]:
-    """Turn an allocation failure into ImageTooLarge, naming what failed and what to change."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise ImageTooLarge(
-            f"out of memory on {device} while {what}; use a smaller window_batch / decode_batch / "
-            f"cache_mb, or a machine with more memory ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
-
-
 @dataclass
-class Window:
-    """One sliding-window position: where it sits in the padded ROI and what it contains."""
-
-    start: tuple[int, int, int]  # in the padded ROI
-    key: WindowKey  # per axis (crop from, crop to, offset in window): identifies the content
-    box: tuple[int, ...] | None = None
-    points: list[tuple[int, int, int]] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    """Zoom-in plan of one target."""
-
-    roi: tuple[tuple[int, int], ...]  # slices of the crop grid
-    pad: tuple[int, int, int]  # zero padding before, per axis (after = the rest)
-    padded: tuple[int, int, int]
-    windows: list[Window]
-
-
-@dataclass
-class Target:
-    """Result of one prompt: final logits on the crop grid and a record of what the model saw."""
+class Prediction:
+    """The answer to one prompt: final logits on the crop grid and what the model saw (its trace)."""
 
     prompt: Prompt
     logits: torch.Tensor  # (d, h, w) float32, crop grid, CPU
-    trace: dict
+    trace: Trace
 
     @property
     def mask(self) -> torch.Tensor:
@@ -150,46 +73,6 @@ class DecodeJob:
     def signature(self) -> tuple:
         """Jobs with equal signatures have the same token layout and can share one batched pass."""
         return self.text is None, self.box is None, len(self.points)
-
-
-def window_starts(size: int, window: int, overlap: float) -> list[int]:
-    """Window starts along one (padded) axis, as MONAI's dense patch slicing places them."""
-    interval = window if window == size else max(int(window * (1 - overlap)), 1)
-    starts = []
-    for idx in range(math.ceil(size / interval)):
-        s = idx * interval
-        starts.append(s - max(s + window - size, 0))
-        if s + window >= size:
-            break
-    return starts
-
-
-def roi_from_mask(mask: torch.Tensor, window: tuple[int, int, int]) -> tuple[tuple[int, int], ...] | None:
-    """ROI slices around the coarse mask, widened towards the window size as the official code does
-    (including its upper clamp to the size, so an odd shortfall leaves the ROI one voxel short)."""
-    nz = torch.nonzero(mask)
-    if nz.shape[0] == 0:
-        return None
-    roi = []
-    for ax in range(3):
-        lo, hi = int(nz[:, ax].min()), int(nz[:, ax].max())
-        half = max(0, window[ax] - (hi - lo + 1)) // 2
-        lo, hi = max(0, lo - half), min(mask.shape[ax], hi + half)
-        roi.append((lo, min(hi + 1, mask.shape[ax])))
-    return tuple(roi)
-
-
-@dataclass
-class ImageCache:
-    """What is kept for one image: its preprocessing and every encoding computed so far."""
-
-    prepared: PreparedImage
-    zoom_out: torch.Tensor | None = None
-    windows: dict[WindowKey, torch.Tensor] = field(default_factory=dict)
-
-    def nbytes(self) -> int:
-        tensors = [self.prepared.zoom_in, self.prepared.zoom_out, self.zoom_out, *self.windows.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class SegVolPredictor:
@@ -220,12 +103,11 @@ class SegVolPredictor:
         # is faster (measured: 8 passes 2.1 s one by one, 2.7 s as one batch of 8)
         self.decode_batch = decode_batch if decode_batch > 0 else (8 if self.device.type == "cuda" else 1)
         self.preprocess_on_device = preprocess_on_device
-        self.cache_mb = cache_mb
+        self.cache = EncodingCache(cache_mb)
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.precision = precision
-        self._cache: OrderedDict[str, ImageCache] = OrderedDict()
-        self._entry: ImageCache | None = None
+        self._entry: ImageEncodings | None = None  # the current image
         self.stats: dict[str, int] = defaultdict(int)  # encoder passes, decoder passes, ...
         self.timings: dict[str, float] = defaultdict(float)
         # texts come from clients: an LRU, so distinct texts cannot grow it without bound
@@ -241,13 +123,13 @@ class SegVolPredictor:
         check_volume(image_ijk, finite=False)  # the NaN scan runs once, in prepare, and only on a cache miss
         check_fits(image_ijk.shape)
         key = key or digest(image_ijk)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            self._entry = self._cache[key]
+        entry = self.cache.get(key)
+        if entry is not None:
+            self._entry = entry
             self._evict()
             return
         self._entry = None
-        self._entry = self._cache[key] = ImageCache(self._prepare(image_ijk, key))
+        self._entry = self.cache.add(key, self._prepare(image_ijk, key))
         self.timings["preprocess"] += time.perf_counter() - t0
         c = self.image.crop
         log.info("image %s: shape %s, crop %s..%s", key[:8], self.image.shape_ijk, c.start_ijk, c.stop_ijk)
@@ -275,22 +157,23 @@ class SegVolPredictor:
         """Forget which image is current (its encodings stay cached until evicted)."""
         self._entry = None
 
+    @property
+    def cache_mb(self) -> float:
+        return self.cache.max_mb
+
+    @cache_mb.setter
+    def cache_mb(self, mb: float) -> None:
+        self.cache.max_mb = mb
+
     def clear_cache(self) -> None:
         self._entry = None
-        self._cache.clear()
+        self.cache.clear()
 
     def cache_bytes(self) -> int:
-        return sum(e.nbytes() for e in self._cache.values())
+        return self.cache.nbytes()
 
     def _evict(self) -> None:
-        """Drop least recently used images until the cache fits ``cache_mb`` (never the current one)."""
-        while self.cache_bytes() > self.cache_mb * 2**20 and len(self._cache) > 1:
-            key, entry = next(iter(self._cache.items()))
-            if entry is self._entry:
-                break
-            del self._cache[key]
-            self.stats["images_evicted"] += 1
-            log.info("cache: evicted image %s (%.0f MB kept)", key[:8], self.cache_bytes() / 2**20)
+        self.stats["images_evicted"] += self.cache.evict(self._entry)
 
     def _require_image(self) -> PreparedImage:
         if self._entry is None:
@@ -389,30 +272,11 @@ class SegVolPredictor:
 
     def window_grid(self, mask: torch.Tensor) -> Plan | None:
         """Zoom-in windows around a crop-grid mask: the official ROI, padding and window placement."""
-        roi = roi_from_mask(mask, self.size)
-        if roi is None:
-            return None
-        lengths = [b - a for a, b in roi]
-        padded = tuple(max(n, w) for n, w in zip(lengths, self.size))
-        pad = tuple((p - n) // 2 for p, n in zip(padded, lengths))
-        per_axis = [window_starts(padded[ax], self.size[ax], self.overlap) for ax in range(3)]
-        windows = []
-        for start in ((a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]):
-            key = []
-            for ax in range(3):
-                p0, p1 = start[ax] - pad[ax], start[ax] + self.size[ax] - pad[ax]
-                a, b = max(p0, 0), min(p1, lengths[ax])
-                key.append((roi[ax][0] + a, roi[ax][0] + b, max(-p0, 0)))
-            windows.append(Window(start, tuple(key)))
-        return Plan(roi, pad, padded, windows)
+        return window_grid(mask, self.size, self.overlap)
 
     def pad_roi(self, values: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Crop-grid values inside the plan's ROI, zero-padded as the window image is."""
-        inner = values[tuple(slice(a, b) for a, b in plan.roi)]
-        lengths = [b - a for a, b in plan.roi]
-        return F.pad(
-            inner, [p for ax in (2, 1, 0) for p in (plan.pad[ax], plan.padded[ax] - lengths[ax] - plan.pad[ax])]
-        )
+        return pad_roi(values, plan)
 
     def window_embeddings(self, keys: list[WindowKey]) -> list[torch.Tensor]:
         """Embeddings of zoom-in windows, encoding (in batches) only those not cached yet."""
@@ -420,46 +284,13 @@ class SegVolPredictor:
         windows = self._entry.windows
         missing = list(dict.fromkeys(k for k in keys if k not in windows))
         if missing:
-            for key, emb in zip(missing, self._encode_stored([self._window_volume(k) for k in missing], missing)):
+            volumes = [window_volume(self._entry.prepared.zoom_in, k, self.size) for k in missing]
+            for key, emb in zip(missing, self._encode_stored(volumes, missing)):
                 windows[key] = emb
             self._evict()
         return [windows[k] for k in keys]
 
-    def _plan(self, prompt: Prompt, coarse: torch.Tensor, model_box) -> Plan | None:
-        image = self._require_image()
-        preds = torch.sigmoid(coarse) > 0.5
-        plan = self.window_grid(preds)
-        if plan is None:
-            return None
-        padded_preds = self.pad_roi(preds, plan).cpu().numpy()
-        clicks = points_to_crop(prompt.points, image.crop) if prompt.points else []
-        roi, pad = plan.roi, plan.pad
-        for win in plan.windows:
-            s = win.start
-            in_window = padded_preds[tuple(slice(s[ax], s[ax] + self.size[ax]) for ax in range(3))]
-            if prompt.points:
-                win.box = mask_box(in_window)
-                for c, lab in zip(clicks, prompt.point_labels):
-                    w = tuple(c[ax] - roi[ax][0] + pad[ax] - s[ax] for ax in range(3))
-                    if all(0 <= w[ax] < self.size[ax] for ax in range(3)):
-                        win.points.append(w)
-                        win.labels.append(lab)
-            elif prompt.box is not None:
-                if len(plan.windows) == 1:
-                    win.box = model_box_on_crop(model_box, image.crop.shape, self.size, roi)
-                else:
-                    win.box = mask_box(in_window)
-        return plan
-
-    def _window_volume(self, key: WindowKey) -> torch.Tensor:
-        image = self._require_image()
-        vol = torch.zeros(self.size, dtype=torch.float32, device=image.zoom_in.device)
-        src = tuple(slice(a, b) for a, b, _ in key)
-        dst = tuple(slice(o, o + b - a) for a, b, o in key)
-        vol[dst] = image.zoom_in[src]
-        return vol
-
-    def predict(self, prompts: list[Prompt], zoom_in: bool | None = None) -> list[Target]:
+    def predict(self, prompts: list[Prompt], zoom_in: bool | None = None) -> list[Prediction]:
         """Segment one target per prompt. Prompts must be valid for the current image."""
         image = self._require_image()
         zoom_in = self.zoom_in if zoom_in is None else zoom_in
@@ -467,34 +298,24 @@ class SegVolPredictor:
         with memory_guard(f"segmenting {len(prompts)} target(s) on a {shape} volume", self.device):
             return self._predict(prompts, zoom_in)
 
-    def _predict(self, prompts: list[Prompt], zoom_in: bool) -> list[Target]:
+    def _predict(self, prompts: list[Prompt], zoom_in: bool) -> list[Prediction]:
         image = self._require_image()
         embedding = self.zoom_out_embedding()
         crop = image.crop
         jobs, traces, texts, boxes = [], [], [], []
         for prompt in prompts:
-            trace: dict = {
-                "crop": {
-                    "start_dhw": list(crop.start),
-                    "stop_dhw": list(crop.stop),
-                    "start_ijk": list(crop.start_ijk),
-                    "stop_ijk": list(crop.stop_ijk),
-                },
-                "model_space": {},
-            }
+            space = ModelSpace()
             text_emb = None
             if prompt.text is not None:
                 text_emb, ids = self.text_embedding(prompt.text)
-                trace["model_space"].update(text=prompt.text, token_ids=ids)
+                space.text, space.token_ids = prompt.text, ids
             model_box = box_to_model(prompt.box, crop, self.size) if prompt.box is not None else None
             model_points = points_to_model(prompt.points, crop, self.size) if prompt.points else []
-            trace["model_space"].update(
-                box_dhw=model_box and list(model_box),
-                points_dhw=[list(p) for p in model_points] or None,
-                point_labels=list(prompt.point_labels) or None,
-            )
+            space.box_dhw = model_box and list(model_box)
+            space.points_dhw = [list(p) for p in model_points] or None
+            space.point_labels = list(prompt.point_labels) or None
             jobs.append(DecodeJob(embedding, text_emb, model_box, model_points, list(prompt.point_labels)))
-            traces.append(trace)
+            traces.append(Trace(crop, space))
             texts.append(text_emb)
             boxes.append(model_box)
         # zoom-out: all prompts, batched where their token layouts agree; kept at model resolution
@@ -503,7 +324,10 @@ class SegVolPredictor:
         for i, low in self._decode_all(jobs):
             lows[i] = low
         plans = [
-            self._plan(p, self._coarse(low), box) if zoom_in else None for p, low, box in zip(prompts, lows, boxes)
+            plan_prompt(p, torch.sigmoid(self._coarse(low)) > 0.5, crop, self.size, self.overlap, box)
+            if zoom_in
+            else None
+            for p, low, box in zip(prompts, lows, boxes)
         ]
         # zoom-in: encode every window not cached yet, then decode every window of every target
         self.window_embeddings([w.key for plan in plans if plan for w in plan.windows])
@@ -535,43 +359,40 @@ class SegVolPredictor:
         """Zoom-out logits on the crop grid (nearest, as the official code resizes them back)."""
         return F.interpolate(low[None, None], size=self._require_image().crop.shape, mode="nearest")[0, 0]
 
-    def _finish(self, prompt: Prompt, low: torch.Tensor, plan: Plan | None, trace: dict, sums=None) -> Target:
+    def _finish(self, prompt: Prompt, low: torch.Tensor, plan: Plan | None, trace: Trace, sums=None) -> Prediction:
         """Overlap-averaged window logits pasted into the coarse logits over the ROI."""
         final = self._coarse(low)
         if plan is None:
-            trace["zoom_in"] = None
-            return Target(prompt, final.cpu(), trace)
-        total, count = sums
-        inner = tuple(slice(p, p + b - a) for p, (a, b) in zip(plan.pad, plan.roi))
-        final[tuple(slice(a, b) for a, b in plan.roi)] = (total / count)[inner]
-        trace["zoom_in"] = {
-            "roi_slice_dhw_in_crop": [list(r) for r in plan.roi],
-            "pad_before_dhw": list(plan.pad),
-            "padded_roi_shape_dhw": list(plan.padded),
-            "windows": [
-                {
-                    "slice_dhw_in_padded_roi": [[s, s + w] for s, w in zip(win.start, self.size)],
-                    "box_fed_dhw": list(win.box) if win.box is not None else None,
-                    "points_fed_dhw": [list(p) for p in win.points] or None,
-                }
+            return Prediction(prompt, final.cpu(), trace)
+        paste(final, plan, *sums)
+        trace.zoom_in = ZoomInTrace(
+            [list(r) for r in plan.roi],
+            list(plan.pad),
+            list(plan.padded),
+            [
+                WindowTrace(
+                    [[s, s + w] for s, w in zip(win.start, self.size)],
+                    list(win.box) if win.box is not None else None,
+                    [list(p) for p in win.points] or None,
+                )
                 for win in plan.windows
             ],
-        }
-        return Target(prompt, final.cpu(), trace)
+        )
+        return Prediction(prompt, final.cpu(), trace)
 
     # ------------------------------------------------------------------ outputs
-    def logits_on_image(self, target: Target, fill: float = -1000.0) -> np.ndarray:
+    def logits_on_image(self, target: Prediction, fill: float = -1000.0) -> np.ndarray:
         """Final logits on the (i, j, k) grid; ``fill`` where the model saw nothing (outside the crop)."""
         return to_image_grid(target.logits.numpy(), self._require_image(), fill)
 
-    def mask_on_image(self, target: Target) -> np.ndarray:
+    def mask_on_image(self, target: Prediction) -> np.ndarray:
         """uint8 mask on the (i, j, k) grid: sigmoid(logit) > 0.5, 0 outside the crop."""
         return to_image_grid(target.mask.to(torch.uint8).numpy(), self._require_image(), 0)
 
-    def labelmap_on_image(self, targets: list[Target], values: list[int]) -> np.ndarray:
+    def labelmap_on_image(self, targets: list[Prediction], values: list[int]) -> np.ndarray:
         """One uint8 map on the (i, j, k) grid, ``values[n]`` where target n is foreground (the
         highest logit wins an overlap). Combined on the crop grid: no full-size float array per target."""
         return to_image_grid(combine([t.logits for t in targets], values).numpy(), self._require_image(), 0)
 
 
-__all__ = ["NO_BOX", "DecodeJob", "ImageTooLarge", "Plan", "SegVolPredictor", "Target", "Window", "pick_device"]
+__all__ = ["NO_BOX", "DecodeJob", "ImageTooLarge", "Prediction", "SegVolPredictor", "check_fits", "pick_device"]

@@ -34,6 +34,12 @@ class Archive:
     def start(self):
         self.proc = orthanc.start(self.port, self.folder, USER, PASSWORD)
 
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self):
         orthanc.stop(self.folder)
         self.proc.wait(20)

@@ -22,9 +22,19 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m monailabel.main start_server`` with the segvol app, as scripts/serve.sh runs it."""
+    """``python -m monailabel.main start_server`` with the segvol app, as scripts/serve.sh runs it.
+    A context manager: ``with Server(...) as srv`` waits until it is ready (``srv.info``) and stops
+    it at the end, also when the test fails."""
 
-    def __init__(self, studies: Path | str, conf: dict[str, str], log: Path, extra_env: dict | None = None) -> None:
+    def __init__(
+        self,
+        studies: Path | str,
+        conf: dict[str, str],
+        log: Path,
+        extra_env: dict | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        self.headers = headers or {}  # sent with the readiness checks (a bearer token when auth is on)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [
@@ -66,13 +76,24 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             try:
-                info = requests.get(f"{self.url}/info/", timeout=5).json()
+                info = requests.get(f"{self.url}/info/", headers=self.headers, timeout=5).json()
                 if info.get("model_version") != "not loaded" or info.get("error"):
                     return info
             except requests.RequestException:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def __enter__(self) -> Server:
+        try:
+            self.info = self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -44,7 +44,6 @@ def stack(tmp_path_factory):
     for seed in range(1, 5):
         image, _, affine = _phantom(seed)
         nib.save(nib.Nifti1Image(image, affine), str(studies / f"phantom{seed}.nii.gz"))
-    archive = Archive(work / "orthanc", studies=studies)
     conf = {
         "zoom_in": "false",
         "train_steps": "20",
@@ -53,13 +52,8 @@ def stack(tmp_path_factory):
         "promote_replay_margin": "1",
         "archive_refresh_seconds": "2",
     }
-    srv = dicomweb_server(archive.url, work, **conf)
-    try:
-        srv.info = srv.wait_ready()
+    with Archive(work / "orthanc", studies=studies) as archive, dicomweb_server(archive.url, work, **conf) as srv:
         yield archive, srv, work
-    finally:
-        srv.stop()
-        archive.stop()
 
 
 def _save(srv, image: str, label: np.ndarray, client: str) -> dict:

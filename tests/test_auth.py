@@ -55,22 +55,9 @@ def _token(key, user: str) -> dict:
 
 def test_the_signed_in_user_is_the_client(realm, tmp_path):
     uri, key = realm
-    srv = Server(
-        _studies(tmp_path / "studies"),
-        CONF,
-        tmp_path / "server.log",
-        extra_env={"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": uri},
-    )
     ada = _token(key, "ada")
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:  # up, and the model loaded
-            try:
-                if requests.get(f"{srv.url}/info/", headers=ada, timeout=5).json().get("model_version") != "not loaded":
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            time.sleep(0.5)
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": uri}
+    with Server(_studies(tmp_path / "studies"), CONF, tmp_path / "server.log", extra_env=env, headers=ada) as srv:
         assert requests.get(f"{srv.url}/info/", timeout=10).status_code == 401  # no token, no answer
 
         r = requests.post(f"{srv.url}/activelearning/first", json={"client_id": "mallory"}, headers=ada, timeout=60)
@@ -100,5 +87,3 @@ def test_the_signed_in_user_is_the_client(realm, tmp_path):
         status = requests.get(f"{srv.url}/segvol/status", params={"client_id": "mallory"}, headers=ada, timeout=30)
         assert status.json()["client"] == "ada" and status.json()["last_result"]["image"] == image
         assert image in IMAGES
-    finally:
-        srv.stop()

@@ -25,20 +25,14 @@ LUNG1_AFFINE = nib.load(str(ROOT / "sample-datastore" / "lung1.nii.gz")).affine 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    a = Archive(tmp_path_factory.mktemp("orthanc"))
-    yield a
-    a.stop()
+    with Archive(tmp_path_factory.mktemp("orthanc")) as a:
+        yield a
 
 
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory):
-    work = tmp_path_factory.mktemp("monailabel")
-    srv = dicomweb_server(archive.url, work, zoom_in="false")
-    try:
-        srv.info = srv.wait_ready()
+    with dicomweb_server(archive.url, tmp_path_factory.mktemp("monailabel"), zoom_in="false") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_orthanc_holds_the_sample_series_behind_basic_auth(archive):
@@ -218,17 +212,10 @@ def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_p
     from server import free_port
 
     port = free_port()
-    srv = dicomweb_server(f"http://127.0.0.1:{port}", tmp_path)
-    archive = None
-    try:
-        info = srv.wait_ready()
-        assert info["datastore"]["total"] == 0 and "does not answer" in info["datastore"]["error"]
+    with dicomweb_server(f"http://127.0.0.1:{port}", tmp_path) as srv:
+        assert srv.info["datastore"]["total"] == 0 and "does not answer" in srv.info["datastore"]["error"]
         r = requests.post(f"{srv.url}/activelearning/random", json={}, timeout=30)
         assert r.status_code == 503 and "does not answer" in r.json()["detail"]
-        archive = Archive(tmp_path / "orthanc", port=port)  # the archive comes up: no restart needed
-        info = requests.get(f"{srv.url}/info/", timeout=30).json()
-        assert info["datastore"]["total"] == 1 and "error" not in info["datastore"]
-    finally:
-        srv.stop()
-        if archive:
-            archive.stop()
+        with Archive(tmp_path / "orthanc", port=port):  # the archive comes up: no restart needed
+            info = requests.get(f"{srv.url}/info/", timeout=30).json()
+            assert info["datastore"]["total"] == 1 and "error" not in info["datastore"]

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import ROOT, phantom
-from segvol.engine import ImageTooLarge, SegVolPredictor, roi_from_mask, window_starts
+from segvol.engine import ImageTooLarge, SegVolPredictor
 from segvol.labelmap import combine
 from segvol.prompts import Prompt
+from segvol.zoom_in import roi_from_mask, window_starts
 
 
 class EncoderSpy:
@@ -41,11 +42,10 @@ def predictor(tiny_model):
 
 def _keys(targets) -> set:
     return {
-        tuple(map(tuple, w["slice_dhw_in_padded_roi"]))
-        + (tuple(map(tuple, t.trace["zoom_in"]["roi_slice_dhw_in_crop"])),)
+        tuple(map(tuple, w.slice_dhw_in_padded_roi)) + (tuple(map(tuple, t.trace.zoom_in.roi_slice_dhw_in_crop)),)
         for t in targets
-        if t.trace["zoom_in"]
-        for w in t.trace["zoom_in"]["windows"]
+        if t.trace.zoom_in
+        for w in t.trace.zoom_in.windows
     }
 
 
@@ -71,7 +71,7 @@ def test_second_prompt_runs_no_encoder_pass_for_windows_already_encoded(predicto
     shape = predictor.image.shape_ijk
     first = predictor.predict([Prompt.make(shape, text="liver")])
     n_first = predictor.spy.windows
-    assert n_first == 1 + len(first[0].trace["zoom_in"]["windows"])
+    assert n_first == 1 + len(first[0].trace.zoom_in.windows)
     again = predictor.predict([Prompt.make(shape, text="liver")])
     assert predictor.spy.windows == n_first
     torch.testing.assert_close(again[0].logits, first[0].logits, rtol=0, atol=0)
@@ -88,13 +88,13 @@ def test_several_categories_share_encoder_passes_and_match_single_calls(predicto
     together = predictor.predict([Prompt.make(shape, text=n) for n in names])
     windows = set()
     for t in together:
-        zi = t.trace["zoom_in"]
+        zi = t.trace.zoom_in
         windows |= {
-            (tuple(map(tuple, zi["roi_slice_dhw_in_crop"])), tuple(map(tuple, w["slice_dhw_in_padded_roi"])))
-            for w in zi["windows"]
+            (tuple(map(tuple, zi.roi_slice_dhw_in_crop)), tuple(map(tuple, w.slice_dhw_in_padded_roi)))
+            for w in zi.windows
         }
     assert predictor.spy.windows <= 1 + len(windows)
-    assert predictor.stats["decoder_passes"] == sum(1 + len(t.trace["zoom_in"]["windows"]) for t in together)
+    assert predictor.stats["decoder_passes"] == sum(1 + len(t.trace.zoom_in.windows) for t in together)
     for name, t in zip(names, together):
         single = SegVolPredictor(tiny_model, "cpu")
         single.set_image(phantom((150, 40, 40)))

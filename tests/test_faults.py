@@ -28,9 +28,7 @@ def test_a_kill_while_saving_leaves_old_or_new_label_whole(tmp_path, delay):
     new[10:60, 10:50, 2:20] = 1
     nib.save(nib.Nifti1Image(new, np.eye(4)), str(tmp_path / "new.nii.gz"))
     conf = {"weights": "seeded", "model_config": "segvol-tiny"}
-    srv = Server(studies, conf, tmp_path / "server1.log")
-    try:
-        srv.wait_ready()
+    with Server(studies, conf, tmp_path / "server1.log") as srv:
 
         def save():
             try:
@@ -48,15 +46,11 @@ def test_a_kill_while_saving_leaves_old_or_new_label_whole(tmp_path, delay):
         threading.Event().wait(delay)
         os.killpg(srv.proc.pid, signal.SIGKILL)
         t.join(30)
-    finally:
-        srv.stop()
 
     label = studies / "labels" / "final" / "ct.nii.gz"
     if label.exists():  # the new label, whole (values already in the app's convention: liver = 1)
         np.testing.assert_array_equal(np.asanyarray(nib.load(str(label)).dataobj), new)
-    srv = Server(studies, conf, tmp_path / "server2.log")
-    try:
-        srv.wait_ready()
+    with Server(studies, conf, tmp_path / "server2.log") as srv:
         stats = requests.get(f"{srv.url}/datastore/?output=stats", timeout=30).json()
         assert stats["total"] == 1 and stats["completed"] == (1 if label.exists() else 0)
         r = requests.post(
@@ -66,5 +60,3 @@ def test_a_kill_while_saving_leaves_old_or_new_label_whole(tmp_path, delay):
             timeout=120,
         )
         assert r.status_code == 200
-    finally:
-        srv.stop()

@@ -67,15 +67,10 @@ def _bodies() -> list:
 def server(tmp_path_factory):
     studies = tmp_path_factory.mktemp("studies")
     nib.save(nib.Nifti1Image(phantom(SHAPE), np.eye(4)), str(studies / "ct.nii.gz"))
-    srv = Server(
-        studies, {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"}, studies.parent / "server.log"
-    )
-    try:
-        srv.wait_ready()
+    conf = {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false"}
+    with Server(studies, conf, studies.parent / "server.log") as srv:
         srv.studies = studies
         yield srv
-    finally:
-        srv.stop()
 
 
 def _snapshot(folder):

@@ -52,13 +52,8 @@ def test_concurrent_clients_during_a_round_get_the_single_client_answers(tmp_pat
     label = np.zeros((48, 40, 12), np.uint8)
     label[20:35, 12:28, 3:9] = 1
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(studies / "labels" / "final" / "a.nii.gz"))
-    srv = Server(
-        studies,
-        {"weights": "seeded", "model_config": "segvol-tiny", "versions_dir": str(tmp_path / "v")},
-        tmp_path / "server.log",
-    )
-    try:
-        srv.wait_ready()
+    conf = {"weights": "seeded", "model_config": "segvol-tiny", "versions_dir": str(tmp_path / "v")}
+    with Server(studies, conf, tmp_path / "server.log") as srv:
         jobs = [(image, i) for image in IMAGES for i in range(len(PROMPTS))]
         expected = {job: _voxels(_ask(srv.url, job[0], PROMPTS[job[1]])[1]) for job in jobs}
         rss_before = psutil.Process(srv.proc.pid).memory_info().rss
@@ -84,5 +79,3 @@ def test_concurrent_clients_during_a_round_get_the_single_client_answers(tmp_pat
             f"server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB"
         )
         assert rss_after < rss_before + 512 * 2**20
-    finally:
-        srv.stop()

@@ -52,13 +52,10 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ohif")
-    archive = Archive(work / "orthanc")
-    srv = dicomweb_server(archive.url, work, zoom_in="false")
-    try:
-        srv.info = srv.wait_ready()
-        from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright
 
+    work = tmp_path_factory.mktemp("ohif")
+    with Archive(work / "orthanc") as archive, dicomweb_server(archive.url, work, zoom_in="false") as srv:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -67,9 +64,6 @@ def stack(tmp_path_factory):
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             yield archive, srv, page
             browser.close()
-    finally:
-        srv.stop()
-        archive.stop()
 
 
 def _segment_index(info: dict, name: str) -> int:

@@ -95,13 +95,13 @@ def _phantom_studies(folder):
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ohif-team")
-    archive = Archive(work / "orthanc", studies=_phantom_studies(work / "studies"))
-    srv = dicomweb_server(archive.url, work, zoom_in="false", train_steps="30", train_lr="3e-3")
-    try:
-        srv.info = srv.wait_ready()
-        from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright
 
+    work = tmp_path_factory.mktemp("ohif-team")
+    with (
+        Archive(work / "orthanc", studies=_phantom_studies(work / "studies")) as archive,
+        dicomweb_server(archive.url, work, zoom_in="false", train_steps="30", train_lr="3e-3") as srv,
+    ):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -115,9 +115,6 @@ def team(tmp_path_factory):
                 pages.append(page)
             yield archive, srv, pages, browser
             browser.close()
-    finally:
-        srv.stop()
-        archive.stop()
 
 
 def _open_mode(page, srv, study: str, series: str | None = None):

@@ -42,13 +42,9 @@ def server(tmp_path_factory):
     studies = tmp_path_factory.mktemp("studies")
     nib.save(nib.Nifti1Image(phantom((96, 80, 24)), _oblique_affine()), str(studies / "abdo.nii.gz"))
     shutil.copy(ROOT / "sample-datastore" / "lung1.nii.gz", studies / "lung1.nii.gz")
-    srv = Server(studies, {"weights": "seeded", "model_config": "segvol-tiny"}, studies.parent / "server.log")
-    try:
-        srv.info = srv.wait_ready()
+    with Server(studies, {"weights": "seeded", "model_config": "segvol-tiny"}, studies.parent / "server.log") as srv:
         srv.studies = studies
         yield srv
-    finally:
-        srv.stop()
 
 
 def _check_grid(path, image_path, allowed_values):
@@ -247,30 +243,22 @@ def test_without_weights_offline_the_server_says_what_to_put_where(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     nib.save(nib.Nifti1Image(phantom(), np.eye(4)), str(studies / "ct.nii.gz"))
-    srv = Server(studies, {}, tmp_path / "server.log")
-    try:
-        info = srv.wait_ready()
-        assert "put these files" in info["error"] and "pytorch_model.bin" in info["error"]
-        assert "BAAI-SegVol" in info["error"] and len(info["models"]) == 3
+    with Server(studies, {}, tmp_path / "server.log") as srv:
+        assert "put these files" in srv.info["error"] and "pytorch_model.bin" in srv.info["error"]
+        assert "BAAI-SegVol" in srv.info["error"] and len(srv.info["models"]) == 3
         assert "SegVol is NOT available" in srv.log.read_text()
         r = _ohif(srv, "segvol", "ct", {"label_prompt": [LIVER]}, output="json")
         assert r.status_code == 503 and "put these files" in r.json()["detail"]
-    finally:
-        srv.stop()
 
 
 def test_a_checkpoint_path_is_served(tiny_weights, tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     nib.save(nib.Nifti1Image(phantom(), np.eye(4)), str(studies / "ct.nii.gz"))
-    srv = Server(studies, {"weights": str(tiny_weights / "pytorch_model.bin")}, tmp_path / "server.log")
-    try:
-        info = srv.wait_ready()
-        assert info["model_version"].endswith("pytorch_model.bin") and "warning" not in info
+    with Server(studies, {"weights": str(tiny_weights / "pytorch_model.bin")}, tmp_path / "server.log") as srv:
+        assert srv.info["model_version"].endswith("pytorch_model.bin") and "warning" not in srv.info
         r = _ohif(srv, "segvol", "ct", {"label_prompt": [LIVER], "zoom_in": False}, output="json")
         assert r.status_code == 200 and "warning" not in r.json()
-    finally:
-        srv.stop()
 
 
 def test_an_image_with_nans_is_a_400(tmp_path):
@@ -279,10 +267,6 @@ def test_an_image_with_nans_is_a_400(tmp_path):
     ct = phantom().astype(np.float32)
     ct[5, 5, 5] = np.nan
     nib.save(nib.Nifti1Image(ct, np.eye(4)), str(studies / "nan.nii.gz"))
-    srv = Server(studies, {"weights": "seeded", "model_config": "segvol-tiny"}, tmp_path / "server.log")
-    try:
-        srv.wait_ready()
+    with Server(studies, {"weights": "seeded", "model_config": "segvol-tiny"}, tmp_path / "server.log") as srv:
         r = _ohif(srv, "segvol", "nan", {"label_prompt": [LIVER]}, output="json")
         assert r.status_code == 400 and "NaN" in r.json()["detail"]
-    finally:
-        srv.stop()

@@ -37,13 +37,9 @@ def _studies(folder: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(_studies(tmp_path / "studies"), CONF, tmp_path / "server.log")
-    try:
-        srv.info = srv.wait_ready()
+    with Server(_studies(tmp_path / "studies"), CONF, tmp_path / "server.log") as srv:
         srv.studies = tmp_path / "studies"
         yield srv
-    finally:
-        srv.stop()
 
 
 def _next(srv, client: str | None, strategy: str = "uncertainty") -> dict:
@@ -136,9 +132,7 @@ def test_what_a_save_records_automatic_semiautomatic_manual_across_restart_and_p
 
     # unedited, after a restart of the server: AUTOMATIC, with the result's model version and prompt
     server.stop()
-    restarted = Server(server.studies, CONF, tmp_path / "restarted.log")
-    try:
-        restarted.wait_ready()
+    with Server(server.studies, CONF, tmp_path / "restarted.log") as restarted:
         r = _save(restarted, image, served, "ada", ["liver"])
         assert r.status_code == 200, r.text
         (segment,) = r.json()["segments"]
@@ -146,9 +140,7 @@ def test_what_a_save_records_automatic_semiautomatic_manual_across_restart_and_p
         assert segment["model_version"] == meta["model_version"] and segment["prompts"][0]["text"] == "liver"
 
         # 10 voxels painted and 4 erased, saved through a second server process on the same datastore
-        second = Server(server.studies, CONF, tmp_path / "second.log")
-        try:
-            second.wait_ready()
+        with Server(server.studies, CONF, tmp_path / "second.log") as second:
             edited = served.copy()
             free = np.argwhere(edited == 0)[:10]
             edited[tuple(free.T)] = 1
@@ -164,12 +156,8 @@ def test_what_a_save_records_automatic_semiautomatic_manual_across_restart_and_p
             r = _save(second, image, manual, "grace", ["liver", "spleen"])
             types = {s["name"]: s["type"] for s in r.json()["segments"]}
             assert types == {"liver": "SEMIAUTOMATIC", "spleen": "MANUAL"}
-        finally:
-            second.stop()
         history = requests.get(f"{restarted.url}/segvol/labels", params={"image": image}, timeout=30).json()
         assert [h["client"] for h in history] == ["grace", "grace", "ada"]  # newest first, every process's saves
-    finally:
-        restarted.stop()
 
 
 def test_two_saves_of_one_image_at_once_both_answer_and_the_final_is_whole(server):

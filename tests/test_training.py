@@ -151,9 +151,7 @@ def test_rounds_through_the_server_trigger_promote_serve_and_survive_a_kill(tmp_
     write_phantoms(labels, 5)
     versions = tmp_path / "versions"
     conf = dict(CONF, versions_dir=str(versions), train_after_labels="5", train_steps="300", train_lr="3e-3")
-    srv = Server(studies, conf, tmp_path / "server.log")
-    try:
-        srv.wait_ready()
+    with Server(studies, conf, tmp_path / "server.log") as srv:
         client = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         assert "segvol" in client.info()["trainers"]
         for image_id in ids:  # annotators submit corrected labels; the fifth one starts a round
@@ -179,8 +177,6 @@ def test_rounds_through_the_server_trigger_promote_serve_and_survive_a_kill(tmp_
         assert all((studies / "labels" / "final" / f"{i}.nii.gz").is_file() for i in ids)
         _, result = client.infer("segvol", ids[1], {"label_prompt": [1], "zoom_in": False})
         assert result["model_version"].endswith("+v0001")
-    finally:
-        srv.stop()
 
 
 def test_a_second_round_reuses_the_encodings_of_the_first(app_parts):

@@ -22,7 +22,7 @@ from lib.leases import Leases
 from lib.provenance import Provenance
 from lib.settings import AppSettings
 from lib.store import TeamStore
-from segvol.engine import SegVolPredictor, Target
+from segvol.engine import Prediction, SegVolPredictor
 from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
@@ -46,7 +46,7 @@ class ServiceUnavailable(RuntimeError):
 
 @dataclass
 class Segmentation:
-    targets: list[Target]
+    predictions: list[Prediction]
     labelmap: np.ndarray  # uint8, the image grid, ``values[n]`` where target n won
     voxels: list[int]  # foreground voxels of each target's own mask
     timings: dict[str, float]
@@ -184,14 +184,14 @@ class SegVolService:
             before = dict(predictor.timings)
             t0 = time.perf_counter()
             predictor.set_image(volume.array, key=self._content_key(volume))
-            targets = predictor.predict(prompts, zoom_in=zoom_in)
+            predictions = predictor.predict(prompts, zoom_in=zoom_in)
             t1 = time.perf_counter()
-            labelmap = predictor.labelmap_on_image(targets, values)
-            voxels = [int(t.mask.sum()) for t in targets]
+            labelmap = predictor.labelmap_on_image(predictions, values)
+            voxels = [int(p.mask.sum()) for p in predictions]
             timings = {
                 k: round(v - before.get(k, 0.0), 4) for k, v in predictor.timings.items() if v - before.get(k, 0.0) > 0
             }
             timings["post"] = round(time.perf_counter() - t1, 4)
             timings["total"] = round(time.perf_counter() - t0, 4)
             version = self.version
-        return Segmentation(targets, labelmap, voxels, timings, version)
+        return Segmentation(predictions, labelmap, voxels, timings, version)

@@ -106,10 +106,10 @@ class SegVolInferTask(InferTask):
                 "point_labels": list(t.prompt.point_labels) or None,
                 "box": list(t.prompt.box) if t.prompt.box else None,
                 "voxels": voxels,
-                "model_space": seg_t.trace["model_space"],
-                "zoom_in_windows": len(seg_t.trace["zoom_in"]["windows"]) if seg_t.trace.get("zoom_in") else 0,
+                "model_space": made.trace.model_space.as_json(),
+                "zoom_in_windows": len(made.trace.zoom_in.windows) if made.trace.zoom_in else 0,
             }
-            for t, voxels, seg_t in zip(targets, seg.voxels, seg.targets)
+            for t, voxels, made in zip(targets, seg.voxels, seg.predictions)
         ]
         result = {
             "label_names": {t.name: t.value for t in targets},

@@ -132,14 +132,15 @@ def foreign_seg(ct_files: list, label_ijk, segments: list[tuple[str, dict]], shi
     return writer.write(image, [pydicom.dcmread(str(f), stop_before_pixels=True) for f in ct_files])
 
 
-def dicomweb_server(url: str, work, **conf: str):
-    """A MONAI Label server (seeded tiny model) on the DICOMweb archive at ``url``, with its basic auth."""
+def dicomweb_server(url: str, work, log_name: str = "server.log", **conf: str):
+    """A MONAI Label server (seeded tiny model) on the DICOMweb archive at ``url``, with its basic auth;
+    servers given the same ``work`` folder share one datastore cache (and team state)."""
     from server import Server
 
     return Server(
         f"{url}/dicom-web",
         {"weights": "seeded", "model_config": "segvol-tiny", **conf},
-        work / "server.log",
+        work / log_name,
         extra_env={
             "MONAI_LABEL_DICOMWEB_USERNAME": USER,
             "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,

@@ -38,74 +38,82 @@ def server(archive, tmp_path_factory):
 def test_orthanc_holds_the_sample_series_behind_basic_auth(archive):
     assert requests.get(f"{archive.url}/dicom-web/studies", timeout=10).status_code == 401
     uid = archive.series["lung1"]
-    series = archive.get("/dicom-web/series").json()
+    series = archive.get("/dicom-web/series", params={"Modality": "CT"}).json()
     assert [s["0020000E"]["Value"][0] for s in series] == [uid]
 
 
-def test_a_slicer_session_ends_with_a_seg_in_the_archive(server, archive, tmp_path):
-    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
-    info = client.info()
-    assert info["datastore"]["total"] == 1 and set(info["models"]) >= {"segvol_deepgrow", "segvol_segmentation"}
-    sample = client.next_sample("random", {})
-    image_id = sample["id"]
-    assert image_id == archive.series["lung1"]
+def test_a_slicer_session_ends_with_a_seg_in_the_archive(tmp_path):
+    """On an archive of its own: the next sample must be the unlabelled sample CT."""
+    with (
+        Archive(tmp_path / "orthanc") as archive,
+        dicomweb_server(archive.url, tmp_path, zoom_in="false") as server,
+    ):
+        client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        info = client.info()
+        assert info["datastore"]["total"] == 1 and set(info["models"]) >= {"segvol_deepgrow", "segvol_segmentation"}
+        sample = client.next_sample("random", {})
+        image_id = sample["id"]
+        assert image_id == archive.series["lung1"]
 
-    result_file, result = client.infer(
-        "segvol_deepgrow",
-        image_id,
-        {
-            "label": "right lung",
-            "foreground": [[180, 260, 24]],
-            "background": [[380, 260, 24]],
-            "roi": [250, 100, 150, 350, 40, 10],
-            "result_extension": ".nrrd",
-            "result_dtype": "uint8",
-        },
-    )
-    assert result["label_names"] == {"right lung": RIGHT_LUNG}
-    assert result["prompts"][0]["box"] == [100, 150, 10, 250, 350, 40]
-    seg_file, seg_result = client.infer("segvol_segmentation", image_id, {"texts": "left lung"})
-    assert seg_result["label_names"] == {"left lung": 62}
+        result_file, result = client.infer(
+            "segvol_deepgrow",
+            image_id,
+            {
+                "label": "right lung",
+                "foreground": [[180, 260, 24]],
+                "background": [[380, 260, 24]],
+                "roi": [250, 100, 150, 350, 40, 10],
+                "result_extension": ".nrrd",
+                "result_dtype": "uint8",
+            },
+        )
+        assert result["label_names"] == {"right lung": RIGHT_LUNG}
+        assert result["prompts"][0]["box"] == [100, 150, 10, 250, 350, 40]
+        seg_file, seg_result = client.infer("segvol_segmentation", image_id, {"texts": "left lung"})
+        assert seg_result["label_names"] == {"left lung": 62}
 
-    label, _ = nrrd.read(result_file)
-    assert label.shape == (512, 512, 48)
-    edited = (label == RIGHT_LUNG).astype(np.uint8)  # Slicer exports segment 1 ...
-    edited[:, :, 40:] = 0  # ... after the annotator erased the top slices
-    nib.save(nib.Nifti1Image(edited, LUNG1_AFFINE), str(tmp_path / "label.nii.gz"))
-    saved = client.save_label(
-        image_id, str(tmp_path / "label.nii.gz"), tag="final", params={"label_info": [{"name": "right lung", "idx": 1}]}
-    )
-    assert saved["label"] == image_id
+        label, _ = nrrd.read(result_file)
+        assert label.shape == (512, 512, 48)
+        edited = (label == RIGHT_LUNG).astype(np.uint8)  # Slicer exports segment 1 ...
+        edited[:, :, 40:] = 0  # ... after the annotator erased the top slices
+        nib.save(nib.Nifti1Image(edited, LUNG1_AFFINE), str(tmp_path / "label.nii.gz"))
+        saved = client.save_label(
+            image_id,
+            str(tmp_path / "label.nii.gz"),
+            tag="final",
+            params={"label_info": [{"name": "right lung", "idx": 1}]},
+        )
+        assert saved["label"] == image_id
 
-    (seg,) = archive.segs()
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
-    (segment,) = seg.SegmentSequence
-    assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
-    assert segment.SegmentAlgorithmName == "SegVol" and server.info["model_version"] in seg.SeriesDescription
-    code = segment.SegmentedPropertyTypeCodeSequence[0]
-    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("39607008", "SCT", "Lung")
-    # the laterality modifier inside the type code item, where the standard puts it
-    assert code.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
-    assert "SegmentedPropertyTypeModifierCodeSequence" not in segment
-    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
-    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("SegVol", server.info["model_version"][:64])
-    assert str(seg.ContentCreatorName) == "anonymous^"  # MONAILabelClient sent no client_id
-    assert int(seg.NumberOfFrames) == 48  # every slice, empty ones included
-    assert dciodvfy_errors(seg) == []  # the standard's validator accepts it
+        (seg,) = archive.segs()
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
+        (segment,) = seg.SegmentSequence
+        assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
+        assert segment.SegmentAlgorithmName == "SegVol" and server.info["model_version"] in seg.SeriesDescription
+        code = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("39607008", "SCT", "Lung")
+        # the laterality modifier inside the type code item, where the standard puts it
+        assert code.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Right"
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in segment
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("SegVol", server.info["model_version"][:64])
+        assert str(seg.ContentCreatorName) == "anonymous^"  # MONAILabelClient sent no client_id
+        assert int(seg.NumberOfFrames) == 48  # every slice, empty ones included
+        assert dciodvfy_errors(seg) == []  # the standard's validator accepts it
 
-    # read back onto the image grid: the same voxels, in the app's values
-    from lib.dicom_seg import read_seg
-    from segvol.vocabulary import default_vocabulary
+        # read back onto the image grid: the same voxels, in the app's values
+        from lib.dicom_seg import read_seg
+        from segvol.vocabulary import default_vocabulary
 
-    seg.save_as(str(tmp_path / "seg.dcm"))
-    reference = sitk.ReadImage(str(ROOT / "sample-datastore" / "lung1.nii.gz"))
-    back, names = read_seg(tmp_path / "seg.dcm", reference, default_vocabulary())
-    assert names == {RIGHT_LUNG: "right lung"}
-    np.testing.assert_array_equal(back, edited * RIGHT_LUNG)
+        seg.save_as(str(tmp_path / "seg.dcm"))
+        reference = sitk.ReadImage(str(ROOT / "sample-datastore" / "lung1.nii.gz"))
+        back, names = read_seg(tmp_path / "seg.dcm", reference, default_vocabulary())
+        assert names == {RIGHT_LUNG: "right lung"}
+        np.testing.assert_array_equal(back, edited * RIGHT_LUNG)
 
-    stats = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()
-    assert stats["completed"] == 1  # the datastore counts the image as labeled
-    assert client.info()["datastore"]["completed"] == 1
+        stats = requests.get(f"{server.url}/datastore/?output=stats", timeout=30).json()
+        assert stats["completed"] == 1  # the datastore counts the image as labeled
+        assert client.info()["datastore"]["completed"] == 1
 
 
 def test_an_unedited_result_is_stored_as_automatic(server, archive, tmp_path):
@@ -117,6 +125,46 @@ def test_an_unedited_result_is_stored_as_automatic(server, archive, tmp_path):
     client.save_label(image_id, str(tmp_path / "label.nii.gz"), tag="final")
     (segment,) = archive.segs()[-1].SegmentSequence
     assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("left lung", "AUTOMATIC")
+
+
+def test_what_a_save_records_holds_across_a_restart_and_a_second_process(archive, tmp_path):
+    """Fresh servers on one datastore cache: the served result is recorded beside the datastore,
+    so a restarted server and a second process both type the saves by it."""
+    image = archive.series["lung1"]
+    with dicomweb_server(archive.url, tmp_path, zoom_in="false") as first:
+        client = MONAILabelClient(first.url, tmpdir=str(tmp_path), client_id="ada")
+        result_file, result = client.infer("segvol", image, {"label_prompt": [62]})  # left lung
+    served, _ = nrrd.read(result_file)
+    assert result["client_id"] == "ada" and (served == 62).any()
+
+    def save(srv, label, names, who):
+        nib.save(nib.Nifti1Image(label, LUNG1_AFFINE), str(tmp_path / "label.nii.gz"))
+        info = {"label_info": [{"name": n} for n in names]}  # the client adds its client_id
+        r = MONAILabelClient(srv.url, tmpdir=str(tmp_path), client_id=who).save_label(
+            image, str(tmp_path / "label.nii.gz"), tag="final", params=info
+        )
+        return {s["name"]: s for s in r["segments"]}, r["SeriesInstanceUID"]
+
+    with (
+        dicomweb_server(archive.url, tmp_path, "restarted.log", zoom_in="false") as restarted,
+        dicomweb_server(archive.url, tmp_path, "second.log", zoom_in="false") as second,
+    ):
+        segments, uid = save(restarted, served, ["left lung"], "ada")
+        assert segments["left lung"]["type"] == "AUTOMATIC"
+        assert segments["left lung"]["model_version"] == result["model_version"]
+        edited = served.copy()
+        background = np.argwhere(served == 0)
+        edited[tuple(background[:10].T)] = 62
+        edited[tuple(np.argwhere(served == 62)[:4].T)] = 0
+        edited[tuple(background[10:19].T)] = 84  # right lung: never served on this image
+        segments, uid = save(second, edited, ["left lung", "right lung"], "grace")
+        left = segments["left lung"]
+        assert (left["type"], left["added"], left["removed"]) == ("SEMIAUTOMATIC", 10, 4)
+        assert segments["right lung"]["type"] == "MANUAL"
+        (seg,) = [d for d in archive.segs(image) if d.SeriesInstanceUID == uid]
+        kinds = {s.SegmentLabel: s.SegmentAlgorithmType for s in seg.SegmentSequence}
+        assert kinds == {"left lung": "SEMIAUTOMATIC", "right lung": "MANUAL"}
+        assert str(seg.ContentCreatorName) == "grace^" and dciodvfy_errors(seg) == []
 
 
 def test_bad_uploads_are_refused_and_nothing_is_stored(server, archive, tmp_path):

@@ -2,6 +2,8 @@
 # Set up everything and start the annotator experience:
 #   Orthanc (DICOMweb archive) with the sample CTs -> MONAI Label with the SegVol app on it -> OHIF.
 # --local serves the sample-datastore/ folder directly instead (no archive; OHIF needs DICOMweb).
+# --replicas N starts N MONAI Label processes (one per GPU where there are GPUs) behind HAProxy on
+# SEGVOL_PORT, routed by image (scripts/replicas.py; docs/scaling.md).
 # Other arguments go to MONAI Label's start_server, e.g.
 #   bash scripts/serve.sh --conf weights /path/to/BAAI-SegVol     (official weights)
 #   bash scripts/serve.sh --conf weights seeded                   (untrained demo weights)
@@ -17,8 +19,14 @@ PORT=${SEGVOL_PORT:-8000}
 ORTHANC_PORT=${SEGVOL_ORTHANC_PORT:-8042}
 args=()
 local=0
-for a in "$@"; do
-  if [ "$a" = --local ]; then local=1; else args+=("$a"); fi
+replicas=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --local) local=1 ;;
+    --replicas) replicas=${2:?--replicas needs a number}; shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
 done
 
 if [ -n "${SEGVOL_STUDIES:-}" ]; then
@@ -33,6 +41,12 @@ else
   STUDIES=http://127.0.0.1:$ORTHANC_PORT/dicom-web
 fi
 
+if [ "$replicas" -gt 0 ]; then
+  case $STUDIES in http*) ;; *) echo "--replicas needs the DICOMweb archive (not --local)" >&2; exit 2;; esac
+  .venv/bin/python scripts/replicas.py --replicas "$replicas" --studies "$STUDIES" --host "$HOST" --port "$PORT" \
+    -- "${args[@]}"
+  exit $?
+fi
 echo "segvol-label: MONAI Label on http://$HOST:$PORT (studies: $STUDIES)"
 echo "  info:  http://$HOST:$PORT/info/"
 case $STUDIES in http*) echo "  OHIF:  http://$HOST:$PORT/ohif/ (open the study, then the MONAI Label mode)";; esac

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv and install segvol-label with pinned dependencies (idempotent), plus the Debian
-# packages it runs with: Orthanc and its DICOMweb plugin (the archive), and with SEGVOL_BROWSER=1
+# packages it runs with: Orthanc and its DICOMweb plugin (the archive), HAProxy (replicas), and with SEGVOL_BROWSER=1
 # (the tests) Chromium (they drive OHIF in it) and dicom3tools (dciodvfy checks every SEG).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=()
 command -v Orthanc >/dev/null || debs+=(orthanc)
+command -v haproxy >/dev/null || debs+=(haproxy)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || debs+=(orthanc-dicomweb)
 if [ "${SEGVOL_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || debs+=(chromium)

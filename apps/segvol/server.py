@@ -8,7 +8,9 @@ Run through MONAI Label's launcher: ``--uvicorn_app server:app`` (apps/segvol on
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -98,6 +100,26 @@ async def identify(request: Request, call_next):
 
         current_user.set(user)
     return await call_next(request)
+
+
+REPLICA = os.environ.get("SEGVOL_REPLICA") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@app.middleware("http")
+async def replica_header(request: Request, call_next):
+    """Which server process answered (X-SegVol-Replica): behind HAProxy, the replica's name."""
+    response = await call_next(request)
+    response.headers["X-SegVol-Replica"] = REPLICA
+    return response
+
+
+@app.get("/segvol/health", summary="200 once the model is loaded, else 503 (for load balancers)")
+def health() -> JSONResponse:
+    """What a load balancer's health check asks: no sign-in, no model run, no datastore scan."""
+    service = app_instance().service
+    ready = service.predictor is not None
+    body = {"replica": REPLICA, "ready": ready, "model_version": service.version, "error": service.error}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"

@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""N MONAI Label replicas of the segvol app behind HAProxy, on one archive and one versions store.
+
+  python scripts/replicas.py --replicas 2 --studies http://127.0.0.1:8042/dicom-web \\
+      [--host 127.0.0.1] [--port 8000] [--work build/replicas] [-- --conf weights seeded ...]
+
+Routing: a request naming an image (``?image=``: inference, label saves, label history) goes to
+the replica that consistent hashing assigns that image, so its encodings are computed once and
+reused by every further prompt; other requests are spread round-robin. HAProxy checks each
+replica's /segvol/health every second: a replica that stops answering is taken out after two
+failed checks, its images move to the others (consistent hashing moves only those), and a request
+that found it dead is sent again to another replica (``retry-on``, ``redispatch``) where HAProxy
+still holds it (a request of up to 64 kB: prompts, not label uploads); anything else is answered
+503 with a message, never dropped silently. What the replicas must agree on is shared: the team
+store (SQLite beside the datastore cache: leases, served results, saves), the versions folder
+(one round at a time through its lock file; each replica serves the ACTIVE version at its next
+request) and the archive itself.
+
+With GPUs, replica n sees GPU n % count alone (CUDA_VISIBLE_DEVICES). HAProxy is Debian's
+``haproxy`` package (scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "apps" / "segvol"
+
+# HAProxy's own failures (502 replica died mid-request, 503 none up, 504 timeout), each answered as
+# a 503 with a message a client can show; a 503 means "send it again", and a client retries it.
+ERRORS = {
+    502: (
+        "The segvol-label replica serving this request stopped before it answered. Send it again: "
+        "another replica takes over this image. (A label save may or may not have been stored; saving "
+        "again is safe, the newest label of an image is its final one.)",
+    ),
+    503: (
+        "No segvol-label replica can answer right now (all are starting, loading the model or down). "
+        "Try again in a moment.",
+    ),
+    504: ("The segvol-label replica serving this request did not answer in time. Send it again.",),
+}
+
+
+def haproxy_config(host: str, port: int, backends: list[tuple[str, int]], errors: Path) -> str:
+    """HAProxy's configuration: image affinity by consistent hashing, health checks, retries."""
+    servers = "\n".join(f"    server {name} 127.0.0.1:{p} check" for name, p in backends)
+    error_files = "\n".join(f"    errorfile {code} {errors / f'{code}.http'}" for code in ERRORS)
+    return f"""global
+    log stdout format raw local0 info
+    maxconn 1024
+    tune.bufsize 65536
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 2s
+    timeout client 15m
+    timeout server 15m
+    timeout http-request 60s
+    timeout queue 30s
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
+    option http-buffer-request
+{error_files}
+
+frontend segvol
+    bind {host}:{port}
+    default_backend replicas
+
+backend replicas
+    balance url_param image
+    hash-type consistent
+    option httpchk GET /segvol/health
+    http-check expect status 200
+    default-server inter 1s fastinter 500ms downinter 1s fall 2 rise 2
+{servers}
+"""
+
+
+def write_error_files(folder: Path) -> Path:
+    """The answers HAProxy gives itself, as JSON with a ``detail`` like the server's own errors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for code, message in ERRORS.items():
+        body = json.dumps({"detail": message}) + "\n"
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
+            f"Connection: close\r\nContent-Length: {len(body.encode())}\r\n\r\n"
+        )
+        (folder / f"{code}.http").write_text(head + body)
+    return folder
+
+
+def gpu_count() -> int:
+    """GPUs on this host (nvidia-smi), without importing torch in the launcher."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+@dataclass
+class Replica:
+    name: str
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, studies: str, args: list[str], env: dict[str, str]) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(APP),
+            "--studies",
+            studies,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--uvicorn_app",
+            "server:app",
+            *args,
+        ]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "SEGVOL_REPLICA": self.name},
+                start_new_session=True,
+            )
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/segvol/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica {self.name} exited ({self.proc.returncode}); see {self.log}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"replica {self.name} not healthy after {timeout:.0f} s; see {self.log}")
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Cluster:
+    """The replicas and HAProxy in front of them; a context manager (stops everything on exit).
+    The first replica starts alone (it downloads the weights on a first start), the others after."""
+
+    def __init__(
+        self,
+        studies: str,
+        replicas: int,
+        work: Path,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        replica_ports: list[int] | None = None,
+        args: list[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError("--replicas must be 1 or more")
+        if not shutil.which("haproxy"):
+            raise SystemExit("HAProxy is not installed (apt-get install haproxy; scripts/setup.sh does)")
+        self.studies, self.work, self.host, self.port = studies, Path(work), host, port
+        self.work.mkdir(parents=True, exist_ok=True)
+        ports = replica_ports or [port + 1 + n for n in range(replicas)]
+        self.replicas = [Replica(f"r{n}", ports[n], self.work / f"r{n}.log") for n in range(replicas)]
+        self.args = list(args)
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP), str(ROOT), self.env.get("PYTHONPATH")]))
+        self.haproxy: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def replica(self, name: str) -> Replica:
+        return next(r for r in self.replicas if r.name == name)
+
+    def start(self, timeout: float = 600) -> Cluster:
+        gpus = gpu_count()
+        for n, r in enumerate(self.replicas):
+            env = dict(self.env, CUDA_VISIBLE_DEVICES=str(n % gpus)) if gpus else self.env
+            r.start(self.studies, self.args, env)
+            if n == 0:
+                r.wait_healthy(timeout)
+        for r in self.replicas[1:]:
+            r.wait_healthy(timeout)
+        cfg = self.work / "haproxy.cfg"
+        backends = [(r.name, r.port) for r in self.replicas]
+        cfg.write_text(haproxy_config(self.host, self.port, backends, write_error_files(self.work / "errors")))
+        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
+        if check.returncode:
+            raise RuntimeError(f"HAProxy refused {cfg}:\n{check.stderr}")
+        with open(self.work / "haproxy.log", "w") as log:
+            self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+        self._wait_routing(timeout=30)
+        return self
+
+    def _wait_routing(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.haproxy.poll() is not None:
+                raise RuntimeError(f"HAProxy exited; see {self.work / 'haproxy.log'}")
+            try:
+                if requests.get(f"{self.url}/segvol/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"HAProxy on {self.url} does not answer; see {self.work / 'haproxy.log'}")
+
+    def stop(self) -> None:
+        if self.haproxy and self.haproxy.poll() is None:
+            self.haproxy.terminate()
+            self.haproxy.wait(10)
+        for r in self.replicas:
+            r.kill()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, server_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, usage="%(prog)s [options] [-- ...]"
+    )
+    p.add_argument("--replicas", type=int, default=2, help="MONAI Label processes (one per GPU where there are GPUs)")
+    p.add_argument("--studies", required=True, help="the DICOMweb URL every replica serves")
+    p.add_argument("--host", default="127.0.0.1", help="where HAProxy listens (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HAProxy's port (8000); replicas on the ports after it")
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "replicas", help="logs and HAProxy's configuration")
+    a = p.parse_args(ours)
+    if not a.studies.startswith(("http://", "https://")):
+        p.error(
+            "replicas serve a DICOMweb archive (--studies http://...): a local folder's label index "
+            "belongs to one process; run one server on a folder (bash scripts/serve.sh --local)"
+        )
+    cluster = Cluster(a.studies, a.replicas, a.work, a.host, a.port, args=server_args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with cluster:
+        names = ", ".join(f"{r.name} :{r.port}" for r in cluster.replicas)
+        print(f"segvol-label: {a.replicas} replicas ({names}) behind HAProxy on {cluster.url}", flush=True)
+        print(f"  OHIF:  {cluster.url}/ohif/   logs: {a.work}", flush=True)
+        down: set[str] = set()
+        try:
+            while True:
+                for r in cluster.replicas:
+                    if r.proc.poll() is not None and r.name not in down:
+                        down.add(r.name)
+                        print(f"replica {r.name} exited ({r.proc.returncode}): its images go to the others", flush=True)
+                if cluster.haproxy.poll() is not None:
+                    print("HAProxy exited; stopping", file=sys.stderr)
+                    return 1
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,5 +30,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[server,test]'
+.venv/bin/python -m pip install -q -e '.[server,test,scale]'
 .venv/bin/python -m pip install -q --no-deps monailabel==0.8.5

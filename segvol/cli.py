@@ -1,5 +1,5 @@
 """``python -m segvol``: segment a CT from the command line, list the categories, time the stages,
-inspect and switch the fine-tuned decoder versions a server serves."""
+inspect and switch the fine-tuned decoder versions a server serves, pre-annotate an archive."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger("segvol")
 
 DEFAULT_CACHE = Path(os.environ.get("SEGVOL_HOME", Path.home() / ".cache" / "segvol"))
+APP_DIR = Path(__file__).resolve().parent.parent / "apps" / "segvol"  # the MONAI Label app
 
 SEGMENT_EPILOG = """\
 Prompts are voxel indices (i, j, k) of the image array as stored, the convention of
@@ -151,6 +152,60 @@ def _parser() -> argparse.ArgumentParser:
         "--dir", type=Path, default=Path("apps/segvol/model/versions"), help="the versions folder (the app's default)"
     )
     v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
+
+    pa = sub.add_parser(
+        "preannotate",
+        help="store a draft label for every series of an archive or folder, with Ray",
+        description="Segments the categories in every series that has no label and no draft yet,\n"
+        "with a pool of Ray workers (one model each; one GPU each where there are GPUs), and stores\n"
+        "each result as a draft: in a DICOMweb archive a SEG marked as a draft (AUTOMATIC segments),\n"
+        "in a folder the 'original' label. Annotators open a draft, correct it and save a final\n"
+        "label; rounds learn from final labels only. A second run skips what is stored; failed\n"
+        "series are listed. Exit status 1 when a series failed.",
+        epilog="  python -m segvol preannotate --studies http://127.0.0.1:8042/dicom-web "
+        "--categories liver,spleen --workers 2\n"
+        "  python -m segvol preannotate --studies sample-datastore --categories liver --ray-address auto",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pa.add_argument(
+        "--studies",
+        required=True,
+        help="a DICOMweb URL (basic auth from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD) or a folder of images",
+    )
+    pa.add_argument("--categories", required=True, help="comma-separated category names (liver,spleen,...)")
+    pa.add_argument("--workers", type=int, default=1, help="Ray actors, one model each (1)")
+    pa.add_argument("--ray-address", help="a running Ray cluster (auto, ray://host:10001); default: a local Ray")
+    pa.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all), shared by the workers")
+    pa.add_argument(
+        "--weights",
+        default="hub",
+        help="as the server's --conf weights: snapshot folder or checkpoint; 'hub' (default: "
+        "apps/segvol/model/BAAI-SegVol, downloaded on first use); 'seeded' (untrained, tests)",
+    )
+    pa.add_argument("--model-config", default="segvol-official", help="segvol-tiny with --weights seeded only")
+    pa.add_argument("--no-zoom-in", action="store_true", help="the zoom-out pass only (faster, coarser)")
+    pa.add_argument("--device", default="auto", help="auto (CUDA where the worker has a GPU), cpu or cuda")
+    pa.add_argument(
+        "--versions-dir",
+        type=Path,
+        default=APP_DIR / "model" / "versions",
+        help="the server's --conf versions_dir: drafts come from the decoder version it serves",
+    )
+    pa.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE / "preannotate",
+        help="DICOMweb: series downloads (each removed once done) and the archive's SEG index",
+    )
+    pa.add_argument(
+        "--team-db",
+        type=Path,
+        help="the server's team state (its --conf team_db; for a folder <folder>/.segvol/team.sqlite "
+        "by default): drafts are recorded as served results, so a draft saved unedited is AUTOMATIC",
+    )
+    pa.add_argument(
+        "--report", type=Path, help="write one JSON line per series run: status, error, seconds, voxels, stored"
+    )
     return p
 
 
@@ -315,6 +370,42 @@ def cmd_versions(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preannotate(a: argparse.Namespace) -> int:
+    sys.path.insert(0, str(APP_DIR))  # the app's lib: its datastores, SEG writer and model service
+    from lib.preannotate import FAILED, Job, PreannotateError, resolve_categories, run
+    from lib.settings import ConfError
+    from segvol.weights import find_or_download
+
+    dicomweb = a.studies.startswith(("http://", "https://"))
+    studies = a.studies.rstrip("/") if dicomweb else str(Path(a.studies).resolve())
+    if not dicomweb and not Path(studies).is_dir():
+        print(f"error: --studies {a.studies}: neither a DICOMweb URL nor a folder", file=sys.stderr)
+        return 2
+    try:
+        categories = resolve_categories([c for c in a.categories.split(",") if c.strip()])
+        weights = a.weights
+        if weights != "seeded":  # resolved (or downloaded) once here, not by every worker
+            weights = str(find_or_download(None if weights == "hub" else weights, APP_DIR / "model").resolve())
+        conf = {
+            "weights": weights,
+            "model_config": a.model_config,
+            "zoom_in": str(not a.no_zoom_in).lower(),
+            "device": a.device,
+            "versions_dir": str(a.versions_dir.resolve()),
+        }
+        team_db = a.team_db or (None if dicomweb else Path(studies) / ".segvol" / "team.sqlite")
+        job = Job(studies, categories, conf, str(a.cache.resolve()), team_db and team_db.resolve())
+        job.settings()  # a bad option stops here, not in every worker
+        report = run(job, a.workers, a.ray_address, a.cpus)
+    except (PreannotateError, ConfError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if a.report:
+        a.report.write_text("".join(json.dumps({**r, "voxels": json.loads(r["voxels"])}) + "\n" for r in report.rows))
+    return 1 if report.count(FAILED) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(
@@ -331,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": cmd_bench,
             "bench-round": cmd_bench_round,
             "versions": cmd_versions,
+            "preannotate": cmd_preannotate,
         }
         return commands[a.command](a)
     except USER_ERRORS as e:

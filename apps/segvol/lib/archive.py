@@ -4,6 +4,10 @@ Which SEG series exist is a QIDO query (repeated at most every ``refresh_seconds
 references and when it was made comes from its metadata, fetched once per SEG (a stored SEG never
 changes) and kept on disk beside the datastore, so a restart or a second process does not fetch
 it again. Counting labels needs the QIDO query only; the newest SEG of each image is its label.
+
+A draft (``python -m segvol preannotate``) is a SEG too, marked by its SeriesDescription, which
+QIDO returns: it is listed with the image's SEGs (to open and correct) but is never its label, so
+rounds never learn from it and the image stays unlabelled for the next-image strategies.
 """
 
 from __future__ import annotations
@@ -16,10 +20,24 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom import Dataset
 
 log = logging.getLogger(__name__)
+
+DRAFT_PREFIX = "DRAFT "  # a draft SEG's SeriesDescription starts with it (a final one with "SegVol ")
+
+
+def is_draft(series: Dataset) -> bool:
+    """A pre-annotation draft, from its series attributes (a QIDO answer or the SEG's metadata)."""
+    return str(series.get("SeriesDescription", "") or "").startswith(DRAFT_PREFIX)
+
+
+class ListedSeg(NamedTuple):
+    study: str
+    uid: str
+    draft: bool
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class ArchivedSeg:
     description: str
     software: str
     segments: tuple[tuple[str, str], ...]  # (label, algorithm type) of each segment
+    draft: bool = False  # a pre-annotation draft: never the image's label
 
 
 def _text(meta: Dataset, *keys: str) -> str:
@@ -52,6 +71,7 @@ def describe(uid: str, study: str, meta: Dataset) -> ArchivedSeg:
             (str(s.get("SegmentLabel", "")), str(s.get("SegmentAlgorithmType", "")))
             for s in meta.get("SegmentSequence", [])
         ),
+        draft=is_draft(meta),
     )
 
 
@@ -61,7 +81,7 @@ class SegIndex:
         self.cache_file = Path(cache_file)
         self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
-        self._listed: tuple[float, list[tuple[str, str]]] | None = None  # (when, [(study, uid)])
+        self._listed: tuple[float, list[ListedSeg]] | None = None  # (when, SEG series)
         self._known: dict[str, ArchivedSeg] = self._load()
 
     def _load(self) -> dict[str, ArchivedSeg]:
@@ -81,22 +101,20 @@ class SegIndex:
         """Query the archive again at the next question (after a SEG was stored)."""
         self._listed = None
 
-    def listed(self) -> list[tuple[str, str]]:
-        """(study, SEG series UID) of every SEG series: QIDO only."""
+    def listed(self) -> list[ListedSeg]:
+        """Every SEG series, drafts included: QIDO only."""
         with self._lock:
             if self._listed is None or time.monotonic() - self._listed[0] > self.refresh_seconds:
-                found = self.client.search_for_series(search_filters={"Modality": "SEG"})
-                pairs = []
-                for item in found:
-                    ds = Dataset.from_json(item)
-                    pairs.append((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
-                self._listed = (time.monotonic(), pairs)
+                found = self.client.search_for_series(search_filters={"Modality": "SEG"}, fields=["SeriesDescription"])
+                series = [Dataset.from_json(item) for item in found]
+                listed = [ListedSeg(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), is_draft(ds)) for ds in series]
+                self._listed = (time.monotonic(), listed)
             return list(self._listed[1])
 
     def segs(self) -> list[ArchivedSeg]:
         """Every SEG with what it references and when it was made (metadata of new ones fetched)."""
         out, fetched = [], False
-        for study, uid in self.listed():
+        for study, uid, _ in self.listed():
             seg = self._known.get(uid)
             if seg is None:
                 try:
@@ -116,9 +134,11 @@ class SegIndex:
         return sorted((s for s in self.segs() if s.image == image), key=lambda s: s.made, reverse=True)
 
     def newest(self) -> dict[str, ArchivedSeg]:
-        """Image -> its newest SEG: the image's final label."""
+        """Image -> its newest SEG that is not a draft: the image's final label."""
         out: dict[str, ArchivedSeg] = {}
         for seg in self.segs():
+            if seg.draft:
+                continue
             if seg.image and (seg.image not in out or seg.made > out[seg.image].made):
                 out[seg.image] = seg
         return out

@@ -5,6 +5,10 @@ written atomically. DICOMweb (Orthanc): a final label also becomes a DICOM SEG r
 CT series, stored with STOW-RS; when the archive does not answer, the SEG is kept in a pending
 folder, the client gets HTTP 503 saying so, and the upload is retried on the next save and at
 start-up, so no label is lost.
+
+Drafts (``python -m segvol preannotate``) are stored beside the labels but are none: a folder's
+draft is MONAI Label's ``original`` label, an archive's a SEG marked as a draft (lib/archive.py);
+both leave the image unlabelled until an annotator saves a final label.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
-from monailabel.datastore.dicom import DICOMWebDatastore
-from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
+from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
@@ -33,7 +38,7 @@ from lib.archive import SegIndex
 from lib.dicom_seg import SegError, Segment, read_seg, write_seg
 from lib.identity import IdentityError, client_of
 from lib.labels import LabelError, LabelPart, check_tag, normalise, read_upload
-from lib.provenance import MANUAL, Origin
+from lib.provenance import AUTOMATIC, MANUAL, Origin
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
@@ -119,8 +124,8 @@ class SegVolLabels:
     def _store_label(self, image_id: str, image_path: str, label: np.ndarray, tag: str, info: dict) -> str:
         """Write the label file and the datastore index so that a kill at any moment leaves either
         the old or the new label, never half of one (temporary file + os.replace)."""
-        obj = self._datastore.objects.get(image_id)
-        if obj is None:
+        ours = self._datastore.objects.get(image_id)
+        if ours is None:
             raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
         label_dir = self._datastore.label_path(tag)
         os.makedirs(label_dir, exist_ok=True)
@@ -134,9 +139,27 @@ class SegVolLabels:
             raise
         with FileLock(self._lock_file):
             os.replace(tmp, os.path.join(label_dir, name))
+            self._reload_index()
+            obj = self._datastore.objects.setdefault(image_id, ours)
             obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=".nii.gz")
             self._update_datastore_file(lock=False)
         return image_id
+
+    def _reload_index(self) -> None:
+        """Take in what other processes wrote to the index since this one read it (called holding
+        the lock): writing this process's copy back would drop their labels otherwise."""
+        try:
+            ts = os.stat(self._datastore_config_path).st_mtime
+        except FileNotFoundError:
+            return
+        if ts != self._config_ts:
+            with open(self._datastore_config_path) as f:
+                self._datastore = LocalDatastoreModel.model_validate_json(f.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = ts
+
+    def release(self, image_id: str) -> None:
+        """Free what reading the image kept on this machine (nothing here: the image is the folder's)."""
 
     def _update_datastore_file(self, lock: bool = True) -> None:
         """The datastore index, replaced atomically (MONAI Label rewrites it in place)."""
@@ -180,6 +203,22 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
 
     def label_keys(self) -> set[str]:
         return set(self._finals().values())
+
+    def annotated_images(self) -> set[str]:
+        """Images with a label of any tag, a draft or a final one: pre-annotation leaves them."""
+        return {image_id for image_id, obj in self._datastore.objects.items() if obj.labels}
+
+    def store_draft(self, image_id: str, label: np.ndarray, parts: list[LabelPart], creator: str, version: str) -> str:
+        """A draft is MONAI Label's ``original`` label (a model's, not yet an annotator's)."""
+        info = {
+            "client": creator,
+            "model_version": version,
+            "segments": [
+                {"value": p.value, "name": p.name, "type": AUTOMATIC, "model_version": version} for p in parts
+            ],
+        }
+        self._store_label(image_id, self.get_image_uri(image_id), label, DefaultLabelTag.ORIGINAL, info)
+        return self.get_label_uri(image_id, DefaultLabelTag.ORIGINAL)
 
     def datalist(self, full_path: bool = True) -> list[dict]:
         return [
@@ -238,11 +277,47 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         return sorted(i for i in self._newest_segs() if i in images)
 
     def label_keys(self) -> set[str]:
-        """Every SEG series in the archive (QIDO only, nothing downloaded)."""
+        """Every SEG series in the archive but the drafts (QIDO only, nothing downloaded)."""
         try:
-            return {uid for _, uid in self.seg_index.listed()}
+            return {seg.uid for seg in self.seg_index.listed() if not seg.draft}
         except Exception as e:
             raise self._archive_down(e) from e
+
+    def annotated_images(self) -> set[str]:
+        """Images that any SEG references, a draft or a final label, whoever wrote it."""
+        try:
+            return {seg.image for seg in self.seg_index.segs() if seg.image}
+        except Exception as e:
+            raise self._archive_down(e) from e
+
+    def get_image_uri(self, image_id: str) -> str:
+        """MONAI Label's, but its first call returns the cached NIfTI as well: its converter leaves
+        a temporary copy in /tmp and returns that one (removed here)."""
+        uri = super().get_image_uri(image_id)
+        cached = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if self._convert_to_nifti and uri != cached and os.path.exists(cached):
+            os.unlink(uri)
+            return cached
+        return uri
+
+    def release(self, image_id: str) -> None:
+        """Delete the image's downloaded series and its NIfTI from the cache: pre-annotation reads
+        each image once, and an archive does not fit on a worker's disk."""
+        image_dir = Path(self._datastore.image_path())
+        shutil.rmtree(image_dir / image_id, ignore_errors=True)
+        (image_dir / f"{image_id}.nii.gz").unlink(missing_ok=True)
+
+    def store_draft(self, image_id: str, label: np.ndarray, parts: list[LabelPart], creator: str, version: str) -> str:
+        """A SEG marked as a draft, every segment AUTOMATIC; returns its series UID. Not kept as
+        pending when the archive does not answer: the series is simply not done (ConnectionError)."""
+        segments = [Segment(p.value, p.name, p.category, AUTOMATIC, version) for p in parts]
+        seg_file = self._write_seg(image_id, label, segments, creator, draft=True)
+        try:
+            uid = self._upload(seg_file)
+        finally:
+            os.unlink(seg_file)
+        self.seg_index.refresh()
+        return uid
 
     def datalist(self, full_path: bool = True) -> list[dict]:
         """Every image with a final label: its newest SEG on its grid. A SEG that cannot be read
@@ -324,17 +399,23 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         self._saved(image_id, label_tag, info)
         return stored
 
-    def _store_seg(self, image_id: str, label: np.ndarray, parts: list[LabelPart], info: dict) -> dict:
+    def _write_seg(
+        self, image_id: str, label: np.ndarray, segments: list[Segment], creator: str, draft: bool = False
+    ) -> Path:
+        """The label as a DICOM SEG over the image's series (in the cache) in a temporary file."""
         series_dir = Path(self._datastore.image_path()) / image_id
+        try:
+            return write_seg(label, series_dir, segments, self.service.version, creator=creator, draft=draft)
+        except SegError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+
+    def _store_seg(self, image_id: str, label: np.ndarray, parts: list[LabelPart], info: dict) -> dict:
         origins = {s["value"]: s for s in info["segments"]}
         segments = [
             Segment(p.value, p.name, p.category, origins[p.value]["type"], origins[p.value]["model_version"])
             for p in parts
         ]
-        try:
-            seg_file = write_seg(label, series_dir, segments, self.service.version, creator=info["client"])
-        except SegError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
+        seg_file = self._write_seg(image_id, label, segments, info["client"])
         self.flush_pending()
         try:
             uid = self._upload(seg_file)
@@ -392,6 +473,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
                 "description": seg.description,
                 "software": seg.software,
                 "segments": [{"name": name, "type": kind} for name, kind in seg.segments],
+                "draft": seg.draft,
             }
             entry.update(ours.get(seg.uid, {}))
             out.append(entry)
@@ -401,3 +483,40 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         if seg_series is None:
             return super().label_voxels(image_id)
         return self._seg_on_grid(image_id, seg_series)
+
+
+def open_datastore(service, studies: str, cache_path: str | None, auto_reload: bool) -> SegVolLabels:
+    """The app's datastore for ``studies``: a DICOMweb URL (MONAI Label's DICOMweb settings: basic
+    auth from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD, URL prefixes, search filter; downloads in
+    ``cache_path``) or a folder."""
+    if not studies.startswith(("http://", "https://")):
+        return SegVolLocalDatastore(
+            service,
+            studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=auto_reload,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session = create_session_from_user_pass(
+            settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        )
+    client = DICOMwebClientX(
+        url=studies,
+        session=session,
+        qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+        wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+        stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+    )
+    return SegVolDICOMWebDatastore(
+        service,
+        client=client,
+        search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+        cache_path=cache_path or None,
+        fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+        convert_to_nifti=True,
+        refresh_seconds=service.settings.archive_refresh_seconds,
+    )

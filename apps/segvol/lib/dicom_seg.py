@@ -8,7 +8,8 @@ a borrowed wrong code), its type (AUTOMATIC when the saved voxels are exactly Se
 SEMIAUTOMATIC when a person edited SegVol's result, MANUAL when SegVol never produced that
 label for the image) and, unless MANUAL, the Segmentation Algorithm Identification (SegVol, the
 model version that made it). The annotator is ContentCreatorName. Every slice is written (no
-empty frames dropped), so reading back gives the image grid exactly.
+empty frames dropped), so reading back gives the image grid exactly. A pre-annotation draft
+says so in its SeriesDescription (what lib/archive.py reads) and its ContentLabel.
 
 Read with pydicom-seg, whose reader gives each segment as an image with the SEG's own geometry
 (highdicom 0.22, the last release for the pydicom 2 that MONAI Label needs, has no volume
@@ -32,6 +33,7 @@ import SimpleITK as sitk
 from pydicom.sr.coding import Code
 
 import segvol
+from lib.archive import DRAFT_PREFIX
 from lib.identity import person_name
 from lib.params import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
@@ -111,9 +113,10 @@ def write_seg(
     model_version: str,
     creator: str = "anonymous",
     out: Path | None = None,
+    draft: bool = False,
 ) -> Path:
     """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``;
-    ``creator`` (the annotator) becomes ContentCreatorName."""
+    ``creator`` (the annotator) becomes ContentCreatorName; ``draft``: a pre-annotation to correct."""
     ref, datasets = _reference(series_dir)
     if tuple(label_ijk.shape) != tuple(ref.GetSize()):
         raise SegError(f"label shape {label_ijk.shape} differs from the image shape {tuple(ref.GetSize())}")
@@ -121,6 +124,7 @@ def write_seg(
     if not present:
         raise SegError("the label is empty: a DICOM SEG needs at least one segment")
     # frames in the datasets' order (slice k), rows = j, columns = i; one plane per segment
+    description = f"{DRAFT_PREFIX}SegVol {model_version}" if draft else f"SegVol {model_version} by {creator}"
     frames = np.stack([(label_ijk == s.value).transpose(2, 1, 0) for s in present], axis=-1)
     seg = hd.seg.Segmentation(
         source_images=datasets,
@@ -136,9 +140,9 @@ def write_seg(
         software_versions=f"segvol-label {segvol.__version__}; SegVol {model_version}"[:64],
         device_serial_number="segvol-label",
         content_creator_name=person_name(creator),
-        content_label="SEGVOL",
+        content_label="DRAFT" if draft else "SEGVOL",
         content_description=f"SegVol {model_version}"[:64],
-        series_description=f"SegVol {model_version} by {creator}"[:64],
+        series_description=description[:64],
         omit_empty_frames=False,
     )
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # for lists that sort by series time

@@ -336,7 +336,7 @@
         history.saved = new Uint8Array(data);
         const who = entry ? entry.client || entry.creator || 'unknown' : 'final label';
         this.say(
-          `Opened the label saved by ${who}${entry && entry.time ? ' at ' + entry.time : ''}: edit it and save a new version.` +
+          `Opened the ${entry && entry.draft ? 'draft (not a final label until you save it)' : 'label'} saved by ${who}${entry && entry.time ? ' at ' + entry.time : ''}: edit it and save a new version.` +
             (missing.length ? ` Not shown (no such segment here): ${missing.join(', ')}.` : '')
         );
       } catch (e) {
@@ -604,7 +604,7 @@
               h(
                 'li',
                 { key: e.seg_series || n, style: { margin: '4px 0', borderBottom: '1px solid #234', paddingBottom: 4 } },
-                h('div', null, `${e.time || e.archived} by ${e.client || e.creator || 'unknown'}${n === 0 ? ' (newest)' : ''}`),
+                h('div', null, `${e.draft ? 'DRAFT · ' : ''}${e.time || e.archived} by ${e.client || e.creator || 'unknown'}${n === 0 ? ' (newest)' : ''}`),
                 h(
                   'div',
                   { style: { color: '#9ab', fontSize: 11 } },

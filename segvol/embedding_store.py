@@ -66,9 +66,16 @@ class EmbeddingStore:
         self._trim()
 
     def _trim(self) -> None:
-        files = sorted(self.root.glob("*/*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        files = []
+        for path in self.root.glob("*/*.safetensors"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # trimmed meanwhile by another process of a torchrun round
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        files.sort()
+        total = sum(size for _, size, _ in files)
         while files and total > self.max_bytes:
-            oldest = files.pop(0)
-            total -= oldest.stat().st_size
+            _, size, oldest = files.pop(0)
+            total -= size
             oldest.unlink(missing_ok=True)

@@ -13,13 +13,14 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from segvol import distributed
 from segvol.engine import SegVolPredictor
 from segvol.preprocess import Crop
 
@@ -83,6 +84,25 @@ def views_of(
     return views
 
 
+@dataclass
+class Sample:
+    """One simulated prompt on one view: what a training step feeds the decoder."""
+
+    view: View
+    text: bool
+    box: list[float] | None  # jittered bounding box, view voxels
+    points: tuple[list, list] | None  # (points, labels 1/0)
+
+
+def check_batch(batch: int, processes: int) -> None:
+    """A batch is split evenly over the processes: refused (before any work) when it cannot be."""
+    if batch < 1 or batch % processes:
+        raise ValueError(
+            f"a batch of {batch} cannot be split evenly over {processes} processes: "
+            "use a multiple of the number of processes"
+        )
+
+
 def _box(target: torch.Tensor, rng: random.Random, jitter: float) -> list[float]:
     nz = torch.nonzero(target)
     lo, hi = nz.min(0).values.tolist(), nz.max(0).values.tolist()
@@ -139,6 +159,7 @@ class DecoderTrainer:
         self.jitter = jitter
         torch.manual_seed(seed)
         self.params = [p for n, p in self.model.named_parameters() if n.startswith(TRAINABLE)]
+        distributed.broadcast_params(self.params)  # every process starts from rank 0's weights
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self._text: dict[str, torch.Tensor] = {}
 
@@ -148,17 +169,31 @@ class DecoderTrainer:
                 self._text[name] = self.model.encode_text([name]).detach()
         return self._text[name]
 
-    def _logits(self, view: View, text: bool, box: bool, points: bool) -> torch.Tensor:
+    def _draw(self, views: list[View], replay: list[View], replay_weight: float, index: int) -> Sample:
+        """The ``index``-th sample of a round; every process draws every sample, so all keep the
+        same rng state (the calls in the order one process always made them)."""
+        use_replay = replay and self.rng.random() < replay_weight / (1 + replay_weight)
+        view = self.rng.choice(replay if use_replay else views)
+        text, box, points = (True, False, False) if use_replay else COMBINATIONS[index % len(COMBINATIONS)]
+        return Sample(
+            view,
+            text,
+            _box(view.target, self.rng, self.jitter) if box else None,
+            _points(view.target, self.rng) if points else None,
+        )
+
+    def _logits(self, sample: Sample) -> torch.Tensor:
         device = self.predictor.device
-        boxes = torch.tensor([_box(view.target, self.rng, self.jitter)], device=device) if box else None
+        view = sample.view
+        boxes = torch.tensor([sample.box], device=device) if sample.box is not None else None
         pts = None
-        if points:
-            p, lab = _points(view.target, self.rng)
+        if sample.points is not None:
+            p, lab = sample.points
             pts = (
                 torch.tensor([p], dtype=torch.float32, device=device),
                 torch.tensor([lab], dtype=torch.float32, device=device),
             )
-        text_emb = self._text_embedding(view.category).to(device) if text else None
+        text_emb = self._text_embedding(view.category).to(device) if sample.text else None
         size = tuple(view.target.shape)
         low = self.model.decode(view.embedding.to(device), text_emb, boxes, pts, upsample=False)
         return F.interpolate(low, size=size, mode="trilinear", align_corners=False)[0, 0]
@@ -167,25 +202,40 @@ class DecoderTrainer:
         self,
         views: list[View],
         steps: int,
-        replay: list[View] = (),
+        replay: Sequence[View] = (),
         replay_weight: float = 0.5,
         progress: Callable[[int, float], None] | None = None,
+        batch: int = 1,
     ) -> list[float]:
-        """``steps`` optimiser steps, one view each; replay views keep other categories as they were."""
+        """``steps`` optimiser steps of ``batch`` samples each (a view and a simulated prompt);
+        replay views keep other categories as they were. Returns each step's mean loss.
+
+        Under torchrun each process computes the loss of its share of the batch, scaled by
+        1/``batch``, and the gradients are summed across processes: the step is the one-process
+        mean over the batch, so the same seed and batch give one process's result to float
+        noise. (The decoder has no dropout: torch's global rng plays no part in a step.) Why not
+        torch's DistributedDataParallel: the decoder is called through ``model.decode`` beside
+        frozen encoders shared with the served model, and samples with different prompt
+        combinations use different parameters in different processes; summing the gradients in
+        one flat buffer (``distributed.sum_gradients``) is what DDP's reducer does."""
         if not views:
             raise ValueError("no training views")
+        check_batch(batch, distributed.world())
+        replay = list(replay)
+        device = self.predictor.device
         self._train_mode(True)  # the trainable parts only: the shared encoders stay as they are served
         losses = []
         for step in range(steps):
-            use_replay = replay and self.rng.random() < replay_weight / (1 + replay_weight)
-            view = self.rng.choice(list(replay) if use_replay else views)
-            combo = (True, False, False) if use_replay else COMBINATIONS[step % len(COMBINATIONS)]
-            target = view.target.to(self.predictor.device)
-            loss = dice_bce(self._logits(view, *combo), target)
+            samples = [self._draw(views, replay, replay_weight, step * batch + b) for b in range(batch)]
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            mine = []
+            for sample in distributed.shard(samples):
+                loss = dice_bce(self._logits(sample), sample.view.target.to(device))
+                (loss / batch).backward()
+                mine.append(float(loss.detach()))
+            distributed.sum_gradients(self.params)
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(sum(distributed.gather_shards(mine)) / batch)
             if progress:
                 progress(step + 1, losses[-1])
         self._train_mode(False)
@@ -199,27 +249,29 @@ class DecoderTrainer:
     def predict(self, view: View) -> torch.Tensor:
         """Text-prompted mask of a view (the prompt annotators use most)."""
         self._train_mode(False)
-        return self._logits(view, True, False, False) > 0
+        return self._logits(Sample(view, True, None, None)) > 0
 
     def mean_dice(self, views: list[View]) -> float:
+        """Mean Dice of the text-prompted masks; under torchrun each process measures its share."""
         if not views:
             return math.nan
-        return float(np.mean([dice(self.predict(v).cpu(), v.target) for v in views]))
+        mine = [dice(self.predict(v).cpu(), v.target) for v in distributed.shard(views)]
+        return float(np.mean(distributed.gather_shards(mine)))
 
     def replay_views(self, views: list[View], categories: list[str]) -> list[View]:
-        """For each image of ``views``, the current model's answer for other categories as targets."""
-        out = []
-        seen: set[tuple[str, int]] = set()
+        """For each image of ``views``, the current model's answer for other categories as targets
+        (under torchrun each process answers its share; the masks travel, not the embeddings)."""
+        firsts: dict[tuple[str, int], View] = {}  # one view per embedding (categories share the zoom-out)
         for v in views:
-            if (v.image, id(v.embedding)) in seen:
-                continue
-            seen.add((v.image, id(v.embedding)))
-            for name in categories:
-                ghost = View(v.embedding, torch.zeros_like(v.target), name, v.image)
-                pred = self.predict(ghost).float().cpu()
-                if pred.any():
-                    out.append(View(v.embedding, pred, name, v.image))
-        return out
+            firsts.setdefault((v.image, id(v.embedding)), v)
+        jobs = [(v, name) for v in firsts.values() for name in categories]
+        masks = distributed.gather_shards(
+            [
+                self.predict(View(v.embedding, torch.zeros_like(v.target), name, v.image)).cpu()
+                for v, name in distributed.shard(jobs)
+            ]
+        )
+        return [View(v.embedding, mask.float(), name, v.image) for (v, name), mask in zip(jobs, masks) if mask.any()]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

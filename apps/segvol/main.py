@@ -10,7 +10,6 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings
-from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -18,7 +17,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import segvol
 from lib.configs.segvol import SegVolTaskConfig
-from lib.datastores import SegVolDICOMWebDatastore, SegVolLocalDatastore
+from lib.datastores import SegVolDICOMWebDatastore, open_datastore
 from lib.identity import IdentityError, client_of
 from lib.settings import HELP, ConfError
 
@@ -52,46 +51,11 @@ class SegVolApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             self.studies = self.studies.rstrip("/").strip()
-            store = self._init_dicomweb_datastore()
-        else:
-            store = SegVolLocalDatastore(
-                self.service,
-                self.studies,
-                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
-                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-            )
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        store = open_datastore(self.service, self.studies, cache_path, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
         team_db = self.service.settings.team_db or Path(store._datastore_path) / ".segvol" / "team.sqlite"
         self.service.attach_store(team_db)
         return store
-
-    def _init_dicomweb_datastore(self) -> Datastore:
-        """MONAI Label's DICOMweb datastore with our SEG writer (so no dcmqi download), basic auth
-        from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD."""
-        from dicomweb_client.session_utils import create_session_from_user_pass
-
-        session = None
-        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
-            session = create_session_from_user_pass(
-                settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
-            )
-        client = DICOMwebClientX(
-            url=self.studies,
-            session=session,
-            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
-        )
-        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
-        return SegVolDICOMWebDatastore(
-            self.service,
-            client=client,
-            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
-            cache_path=cache_path or None,
-            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
-            convert_to_nifti=True,
-            refresh_seconds=self.service.settings.archive_refresh_seconds,
-        )
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
@@ -131,7 +95,7 @@ class SegVolApp(MONAILabelApp):
         return result
 
     def init_trainers(self) -> dict:
-        return {"segvol": self.task_config.trainer()}
+        return {"segvol": self.task_config.trainer(self.studies)}
 
     def on_init_complete(self) -> None:
         """The server process only (a training subprocess builds the app too, and must not send

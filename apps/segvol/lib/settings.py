@@ -37,6 +37,10 @@ HELP = {
     "train_windows": "zoom-in windows per label a round trains on, those holding most of the label (4; 0: all)",
     "embedding_cache_mb": "disk for image encodings kept across rounds in <versions_dir>/.embeddings (4096; 0: off)",
     "train_lr": "learning rate of the decoder fine-tune (1e-4)",
+    "train_batch": "samples (a view and a simulated prompt) per optimiser step of a round, a multiple of "
+    "train_processes (default: train_processes, so 1)",
+    "train_processes": "processes a round runs in, under torchrun (1): each encodes its share of the images "
+    "and computes its share of every batch (one per GPU where there are GPUs; gloo on a CPU)",
     "train_after_labels": "start a round once this many new final labels are saved (0: off)",
     "train_every_minutes": "start a round on this schedule when there are new final labels (0: off)",
     "promote_min_gain": "held-out Dice must rise by more than this for a version to be served (0.0)",
@@ -87,6 +91,8 @@ class AppSettings:
     train_windows: int = 4
     embedding_cache_mb: float = 4096.0
     train_lr: float = 1e-4
+    train_batch: int = 1
+    train_processes: int = 1
     train_after_labels: int = 0
     train_every_minutes: float = 0.0
     promote_min_gain: float = 0.0
@@ -111,6 +117,8 @@ class AppSettings:
             "train_windows",
             "embedding_cache_mb",
             "train_lr",
+            "train_batch",
+            "train_processes",
             "train_after_labels",
             "train_every_minutes",
             "promote_min_gain",
@@ -133,6 +141,16 @@ class AppSettings:
             raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
         if not 0 <= numbers["overlap"] < 1:
             raise ConfError(f"--conf overlap {conf['overlap']!r}: expected 0 <= overlap < 1")
+        if "train_batch" not in conf:
+            numbers["train_batch"] = numbers["train_processes"]
+        for key in ("train_batch", "train_processes"):
+            if numbers[key] < 1:
+                raise ConfError(f"--conf {key} {conf[key]!r}: expected a whole number of 1 or more")
+        if numbers["train_batch"] % numbers["train_processes"]:
+            raise ConfError(
+                f"--conf train_batch {numbers['train_batch']}: the batch is split evenly over the "
+                f"{numbers['train_processes']} processes (train_processes); use a multiple of it"
+            )
         if not numbers["lease_minutes"] > 0:
             raise ConfError(f"--conf lease_minutes {conf['lease_minutes']!r}: expected a positive number")
         return cls(

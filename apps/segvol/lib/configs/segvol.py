@@ -13,7 +13,7 @@ from lib.infers.segmentation import SegVolSegmentation
 from lib.infers.vista3d import SegVolVista3D
 from lib.service import SegVolService
 from lib.settings import AppSettings
-from lib.trainers.decoder import SegVolDecoderTrainer
+from lib.trainers.decoder import AppArgs, SegVolDecoderTrainer
 
 log = logging.getLogger(__name__)
 
@@ -35,5 +35,7 @@ class SegVolTaskConfig(TaskConfig):
             f"{self.name}_deepgrow": SegVolDeepgrow(self.service),
         }
 
-    def trainer(self) -> SegVolDecoderTrainer:
-        return SegVolDecoderTrainer(self.service)
+    def trainer(self, studies: str | None = None) -> SegVolDecoderTrainer:
+        """``studies``: where the app reads its images, so a round in several processes
+        (``train_processes``) can build the app again in each."""
+        return SegVolDecoderTrainer(self.service, AppArgs(studies, dict(self.conf)) if studies else None)

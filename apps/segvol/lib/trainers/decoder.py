@@ -8,30 +8,44 @@ served only if held-out Dice rose by more than ``promote_min_gain`` and the repl
 the previous answers stays above 1 - ``promote_replay_margin`` (so the model does not forget).
 MONAI Label runs this in a subprocess; the server picks the promoted version up at its next
 request. A killed or failing round leaves no version behind and the served one unchanged.
+
+Several processes (``train_processes``, or the round run under torchrun): each encodes its share
+of the labelled images and every process gets all the views; each computes the loss of its share
+of every batch (``train_batch`` samples) and the gradients are summed, so the same seed and batch
+give one process's version to float noise (segvol/finetune.py, segvol/distributed.py). Rank 0
+lists the labels, writes the progress and the version; the others return its result.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from monailabel.interfaces.tasks.train import TrainTask
 from tqdm import tqdm
 
 from lib.service import SegVolService
 from lib.trainers.progress import RUNNING, RoundProgress
-from lib.validation import Param, check
+from lib.validation import Param, RequestError, check
+from segvol import distributed
 from segvol.embedding_store import EmbeddingStore, encoder_digest
-from segvol.finetune import DecoderTrainer, View, trainable_state, views_of
+from segvol.finetune import DecoderTrainer, View, check_batch, trainable_state, views_of
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
+ROUND_PY = Path(__file__).resolve().parents[2] / "round.py"  # a round from the command line / torchrun
 
 
 def image_id_of(path: str) -> str:
@@ -62,26 +76,60 @@ def split(items: list[tuple[str, str, str, str]]) -> tuple[list, list]:
     return [it for it in items if it not in held], held
 
 
+@dataclass(frozen=True)
+class AppArgs:
+    """What builds the app again in other processes: its studies (folder or DICOMweb URL), --conf."""
+
+    studies: str
+    conf: dict[str, str]
+
+
+def _on(views: list[View], device: torch.device | str) -> list[View]:
+    """``views`` with their embeddings on ``device``; an embedding several views share (the
+    zoom-out of an image with several categories) stays shared, moved once."""
+    moved: dict[int, torch.Tensor] = {}
+    for v in views:
+        if id(v.embedding) not in moved:
+            moved[id(v.embedding)] = v.embedding.to(device)
+    return [View(moved[id(v.embedding)], v.target, v.category, v.image) for v in views]
+
+
 class SegVolDecoderTrainer(TrainTask):
     PARAMETERS = {
         "steps": Param(int, 1, 100_000, "decoder optimiser steps"),
         "lr": Param(float, 1e-8, 1.0, "learning rate"),
         "seed": Param(int, 0, 1_000_000, "seed of the simulated prompts"),
+        "batch": Param(int, 1, 4096, "samples per step, split evenly over the round's processes"),
     }
     # what MONAI Label (its server and its training process) and the clients add to every request
     PASSED_THROUGH = frozenset({"model", "client_id", "gpus", "local_rank"})
 
     def check_params(self, params: dict) -> dict:
-        """The request's round parameters, checked (lib.validation.RequestError names a bad one)."""
-        return check(params, self.PARAMETERS, self.PASSED_THROUGH, "a SegVol fine-tune round")
+        """The request's round parameters, checked (lib.validation.RequestError names a bad one),
+        a batch that the round's processes cannot share evenly too."""
+        what = "a SegVol fine-tune round"
+        asked = check(params, self.PARAMETERS, self.PASSED_THROUGH, what)
+        try:
+            check_batch(asked.get("batch", self.service.settings.train_batch), self.processes)
+        except ValueError as e:
+            raise RequestError(f"{what}: {e}") from e
+        return asked
 
-    def __init__(self, service: SegVolService) -> None:
+    def __init__(self, service: SegVolService, app_args: AppArgs | None = None) -> None:
+        """``app_args``: how ``train_processes`` > 1 builds the app in its processes (SegVolApp
+        passes them; without them such a round is refused)."""
         super().__init__("Fine-tune SegVol's decoder on the final labels (encoders frozen)")
         self.service = service
+        self.app_args = app_args
+
+    @property
+    def processes(self) -> int:
+        """The processes the round runs in: torchrun's when under it, else ``train_processes``."""
+        return distributed.world() if distributed.world() > 1 else self.service.settings.train_processes
 
     def config(self) -> dict:
         s = self.service.settings
-        return {"steps": s.train_steps, "lr": s.train_lr}
+        return {"steps": s.train_steps, "lr": s.train_lr, "batch": s.train_batch}
 
     def stats(self) -> dict:
         """The versions, the last round, and the keys OHIF's stock panel draws its bars from
@@ -115,21 +163,30 @@ class SegVolDecoderTrainer(TrainTask):
             for item in datastore.datalist(full_path=True)
         ]
 
-    def _views(self, predictor, items, progress: RoundProgress, done: int = 0, total: int = 0) -> list[View]:
+    def _views(self, predictor, items, progress: RoundProgress) -> list[list[View]]:
+        """The views of each item, in order. Under torchrun each process encodes its share and
+        every process gets all (embeddings travel on the CPU and come back to the device)."""
         vocab = self.service.vocabulary
-        views = []
-        for n, (image_id, image_path, label_path, _) in enumerate(tqdm(items, desc="encoding views", unit="image")):
-            progress.update("encoding views", done + n, total)
+        windows = self.service.settings.train_windows or None
+        mine = []
+        share = distributed.shard(items)
+        bar = tqdm(share, desc="encoding views", unit="image", disable=not distributed.is_main())
+        for n, (image_id, image_path, label_path, _) in enumerate(bar):
+            # rank 0 speaks for all: the shares differ by one image at most
+            progress.update("encoding views", min(n * distributed.world(), len(items)), len(items))
             image = read_volume(image_path).array
             label = np.asarray(read_volume(label_path).array)
+            views = []
             for value in (int(v) for v in np.unique(label) if v):
                 if not 1 <= value <= len(vocab):
                     log.warning("%s: label value %d names no SegVol category; skipped", image_id, value)
                     continue
                 name = vocab.categories[value - 1].name
-                windows = self.service.settings.train_windows or None
                 views += views_of(predictor, image, label == value, name, image_id, max_windows=windows)
-        return views
+            mine.append(views)
+        if distributed.world() == 1:
+            return mine
+        return [_on(views, predictor.device) for views in distributed.gather_shards([_on(v, "cpu") for v in mine])]
 
     @contextmanager
     def _stored_encodings(self, predictor) -> Iterator[EmbeddingStore | None]:
@@ -146,29 +203,71 @@ class SegVolDecoderTrainer(TrainTask):
             predictor.store = None
 
     def __call__(self, request: dict, datastore) -> dict:
+        return self.run(request, datastore)
+
+    def run(self, request: dict, datastore, lock_held: bool = False) -> dict:
+        """A round, one at a time (train.lock; ``lock_held``: the process that launched this one
+        holds it). With ``train_processes`` > 1 outside torchrun, launches the round under it."""
+        asked = self.check_params(request)  # refused before anything starts
         store = self.service.versions
-        store.cleanup_partial()
-        with open(store.root / "train.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with self._exclusive(lock_held) as ours:
+            if not ours:
                 return {"status": "skipped", "reason": "another round is running"}
-            progress = RoundProgress(store.root)
+            if distributed.is_main():
+                store.cleanup_partial()
+            if distributed.world() == 1 and self.processes > 1:
+                return self._launch(asked)  # its rank 0 writes the progress
+            progress = RoundProgress(store.root, writes=distributed.is_main())
             try:
-                result = self._round(request, datastore, progress)
+                result = self._round(asked, datastore, progress)
             except BaseException as e:
                 progress.fail(f"{type(e).__name__}: {e}")
                 raise
             progress.finish(result)
             return result
 
-    def _round(self, request: dict, datastore, progress: RoundProgress) -> dict:
+    @contextmanager
+    def _exclusive(self, held: bool) -> Iterator[bool]:
+        """train.lock for the whole round (rank 0 takes it; every process learns whether it did)."""
+        if held:
+            yield True
+            return
+        with open(self.service.versions.root / "train.lock", "w") as lock:
+            ours = True
+            if distributed.is_main():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    ours = False
+            yield distributed.broadcast(ours)
+
+    def _launch(self, asked: dict) -> dict:
+        """The round under ``torchrun --standalone`` in ``processes`` processes (apps/segvol/round.py
+        on the same studies and --conf), this process holding train.lock meanwhile; rank 0's result."""
+        if self.app_args is None:
+            raise RuntimeError("train_processes > 1 needs the app's studies and --conf (SegVolApp passes them)")
+        with tempfile.TemporaryDirectory(prefix="segvol-round-") as tmp:
+            output = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.processes}"]
+            cmd += [str(ROUND_PY), "--studies", self.app_args.studies, "--output", str(output), "--lock-held"]
+            for key, value in self.app_args.conf.items():
+                cmd += ["--conf", key, str(value)]
+            for key, value in asked.items():
+                cmd += [f"--{key}", str(value)]
+            log.info("round in %d processes: %s", self.processes, " ".join(cmd))
+            code = subprocess.run(cmd, check=False).returncode  # its log lines go to this process's
+            if code != 0:
+                raise RuntimeError(f"the round's {self.processes} processes failed (torchrun exit {code}; log above)")
+            return json.loads(output.read_text())
+
+    def _round(self, asked: dict, datastore, progress: RoundProgress) -> dict:
         t0 = time.time()
         s = self.service.settings
-        asked = self.check_params(request)
         steps = asked.get("steps", s.train_steps)
         lr = asked.get("lr", s.train_lr)
-        items = self.labelled(datastore)
+        batch = asked.get("batch", s.train_batch)
+        # rank 0 lists (on DICOMweb: fetches) the labels, so every process trains on the same ones
+        items = distributed.broadcast(self.labelled(datastore) if distributed.is_main() else None)
         progress.start(len(items), steps)
         if len(items) < 2:
             return {
@@ -178,22 +277,25 @@ class SegVolDecoderTrainer(TrainTask):
             }
         train, held = split(items)
         log.info(
-            "round: %d labelled images (%d train, %d held out), %d steps at lr %g",
+            "round: %d labelled images (%d train, %d held out), %d steps of %d at lr %g in %d process(es)",
             len(items),
             len(train),
             len(held),
             steps,
+            batch,
             lr,
+            distributed.world(),
         )
         self.service.load()
         predictor = self.service.wait()
         previous = self.service.version
-        n = len(items)
         t_views = time.time()
         with self._stored_encodings(predictor) as store:
-            train_views = self._views(predictor, train, progress, 0, n)
-            val_views = self._views(predictor, held, progress, len(train), n)
-        encodings = {"reused": store.hits, "computed": store.misses} if store else {}
+            per_item = self._views(predictor, train + held, progress)
+        counts = distributed.gather_shards([(store.hits, store.misses) if store else (0, 0)])
+        encodings = {"reused": sum(c[0] for c in counts), "computed": sum(c[1] for c in counts)} if store else {}
+        train_views = [v for views in per_item[: len(train)] for v in views]
+        val_views = [v for views in per_item[len(train) :] for v in views]
         t_views = time.time() - t_views
         progress.update("measuring", 0, 1)
         if not train_views:
@@ -203,7 +305,7 @@ class SegVolDecoderTrainer(TrainTask):
         others = [c for c in s.auto_labels if c not in trained][:3]
         replay = trainer.replay_views(train_views + val_views, others)
         before = trainer.mean_dice(val_views)
-        bar = tqdm(total=steps, desc="fine-tune", unit="step")
+        bar = tqdm(total=steps, desc="fine-tune", unit="step", disable=not distributed.is_main())
 
         def step(i: int, loss: float) -> None:
             bar.update(1)
@@ -211,7 +313,7 @@ class SegVolDecoderTrainer(TrainTask):
             progress.update("fine-tune", i, steps)
 
         t_train = time.time()
-        losses = trainer.train(train_views, steps, replay=replay, progress=step)
+        losses = trainer.train(train_views, steps, replay=replay, progress=step, batch=batch)
         t_train = time.time() - t_train
         bar.close()
         progress.update("measuring", 0, 1)
@@ -233,6 +335,8 @@ class SegVolDecoderTrainer(TrainTask):
             "replay_categories": others,
             "steps": steps,
             "lr": lr,
+            "batch": batch,
+            "processes": distributed.world(),
             "loss_first": losses[0],
             "loss_last": float(np.mean(losses[-10:])),
             "val_dice_before": before,
@@ -245,9 +349,11 @@ class SegVolDecoderTrainer(TrainTask):
             "views": {"train": len(train_views), "held_out": len(val_views), "replay": len(replay)},
             "encodings": encodings,
         }
+        if not distributed.is_main():
+            return distributed.broadcast(None)
         store = self.service.versions
         name = store.write(trainable_state(trainer.model), meta)
         if not why:
             store.activate(name, f"held-out Dice {before:.3f} -> {after:.3f}, replay {replay_dice:.3f}")
         log.info("round %s: %s (%.1f s)", name, status, time.time() - t0)
-        return dict(meta, version=name)
+        return distributed.broadcast(dict(meta, version=name))

@@ -27,9 +27,12 @@ def _alive(pid: int) -> bool:
 
 
 class RoundProgress:
-    def __init__(self, versions_dir: Path, min_interval: float = 0.5) -> None:
+    def __init__(self, versions_dir: Path, min_interval: float = 0.5, writes: bool = True) -> None:
+        """``writes`` False: keeps the state, writes nothing (the other processes of a torchrun
+        round: rank 0 speaks for all)."""
         self.path = Path(versions_dir) / "round.json"
         self.min_interval = min_interval
+        self.writes = writes
         self._state: dict = {}
         self._written = 0.0
 
@@ -69,6 +72,8 @@ class RoundProgress:
         return state
 
     def _write(self) -> None:
+        if not self.writes:
+            return
         tmp = self.path.with_name(f".round.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self._state, indent=1))
         os.replace(tmp, self.path)

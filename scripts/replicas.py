@@ -113,6 +113,13 @@ def gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def server_command(studies: str, port: int, args: list[str] = ()) -> list[str]:
+    """MONAI Label's server with the segvol app on 127.0.0.1:``port``, as scripts/serve.sh starts it
+    (apps/segvol and the repository on PYTHONPATH)."""
+    app = ["--app", str(APP), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "-m", "monailabel.main", "start_server", *app, "--uvicorn_app", "server:app", *args]
+
+
 @dataclass
 class Replica:
     name: str
@@ -125,26 +132,9 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, studies: str, args: list[str], env: dict[str, str]) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "monailabel.main",
-            "start_server",
-            "--app",
-            str(APP),
-            "--studies",
-            studies,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--uvicorn_app",
-            "server:app",
-            *args,
-        ]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                cmd,
+                server_command(studies, self.port, args),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**env, "SEGVOL_REPLICA": self.name},

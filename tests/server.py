@@ -13,6 +13,8 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from replicas import server_command  # noqa: E402
 
 
 def free_port() -> int:
@@ -37,25 +39,8 @@ class Server:
         self.headers = headers or {}  # sent with the readiness checks (a bearer token when auth is on)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [
-            sys.executable,
-            "-m",
-            "monailabel.main",
-            "start_server",
-            "--app",
-            str(ROOT / "apps" / "segvol"),
-            "--studies",
-            str(studies),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--uvicorn_app",
-            "server:app",
-        ]
         conf = {"versions_dir": str(log.parent / "versions"), **conf}  # never the repo's own folder
-        for k, v in conf.items():
-            args += ["--conf", k, v]
+        args = server_command(studies, self.port, [x for k, v in conf.items() for x in ("--conf", k, v)])
         env = dict(
             os.environ,
             PYTHONPATH=f"{ROOT / 'apps' / 'segvol'}{os.pathsep}{ROOT}",

@@ -30,6 +30,12 @@ def init() -> None:
         return
     backend = "gloo"
     if torch.cuda.is_available():
+        here, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if here > gpus:  # NCCL refuses two processes on one GPU; say so before it does, obscurely
+            raise RuntimeError(
+                f"{here} processes on this host but {gpus} GPU(s): a round takes one GPU per process "
+                "(lower --conf train_processes or --nproc_per_node)"
+            )
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)

@@ -32,7 +32,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import orthanc  # noqa: E402
 from replicas import Cluster  # noqa: E402
-
 from segvol.bench import synthetic_ct  # noqa: E402
 
 

@@ -155,6 +155,22 @@ def _next_image(page) -> str:
     return page.evaluate("() => new URL(location.href).searchParams.get('initialSeriesInstanceUID')")
 
 
+def _class_prompt(page, name: str, changes: bool = True):
+    """Tick ``name`` in the MONAI Label panel's class prompts and Run; returns the infer response
+    (with ``changes``, once the page's labelmap has changed)."""
+    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Class Prompts"))
+    tab.locator("label.tab-label").click()
+    box = tab.locator("table.optionsTable tr").filter(has_text=name).first.locator("input[type=checkbox]")
+    box.check()
+    before = page.evaluate(COUNT)
+    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
+        tab.locator("button.actionButton", has_text="Run").click()
+    assert resp.value.status == 200, resp.value.text()
+    if changes:
+        _until_changed(page, before)
+    return resp.value
+
+
 def _drag(page, box, start, end, steps=10):
     page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
     page.mouse.down()
@@ -241,17 +257,9 @@ def session(team):
     figures = out["figures"]
     for n, page in enumerate(pages):
         tag = page.annotator.split()[0].lower()
-        # class prompt: tick "liver", Run
-        tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Class Prompts"))
-        tab.locator("label.tab-label").click()
-        tab.locator("table.optionsTable tr").filter(has_text="liver").first.locator("input[type=checkbox]").check()
-        before = page.evaluate(COUNT)
         t0 = time.perf_counter()
-        with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
-            tab.locator("button.actionButton", has_text="Run").click()
-        assert resp.value.status == 200
-        out["sent"][page.annotator] = _params(resp.value.request)
-        _until_changed(page, before)
+        response = _class_prompt(page, "liver")
+        out["sent"][page.annotator] = _params(response.request)
         figures[f"{tag} class prompt"] = time.perf_counter() - t0
         page.wait_for_function(
             "() => window.services.segmentationService.getActiveSegment('mpr-axial')?.label === 'liver'", timeout=10_000

@@ -11,10 +11,12 @@ replica's /segvol/health every second: a replica that stops answering is taken o
 failed checks, its images move to the others (consistent hashing moves only those), and a request
 that found it dead is sent again to another replica (``retry-on``, ``redispatch``) where HAProxy
 still holds it (a request of up to 64 kB: prompts, not label uploads); anything else is answered
-503 with a message, never dropped silently. What the replicas must agree on is shared: the team
-store (SQLite beside the datastore cache: leases, served results, saves), the versions folder
-(one round at a time through its lock file; each replica serves the ACTIVE version at its next
-request) and the archive itself.
+503 with a message, never dropped silently. A replica that exits is started again after
+``--restart-after`` seconds; its images move back to it once it is healthy.
+
+What the replicas must agree on is shared: the team store (SQLite beside the datastore cache:
+leases, served results, saves), the versions folder (one round at a time through its lock file;
+each replica serves the ACTIVE version at its next request) and the archive itself.
 
 With GPUs, replica n sees GPU n % count alone (CUDA_VISIBLE_DEVICES). HAProxy is Debian's
 ``haproxy`` package (scripts/setup.sh installs it).
@@ -195,6 +197,7 @@ class Cluster:
         self.env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP), str(ROOT), self.env.get("PYTHONPATH")]))
         self.haproxy: subprocess.Popen | None = None
+        self.gpus = 0
 
     @property
     def url(self) -> str:
@@ -203,11 +206,22 @@ class Cluster:
     def replica(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.name == name)
 
+    def _env(self, n: int) -> dict[str, str]:
+        """Replica n's environment: GPU n % count alone where there are GPUs."""
+        return dict(self.env, CUDA_VISIBLE_DEVICES=str(n % self.gpus)) if self.gpus else self.env
+
+    def revive(self) -> list[str]:
+        """Start again every replica whose process has exited (HAProxy routes to it, and its images
+        move back to it, once it answers its health checks again); returns their names."""
+        dead = [n for n, r in enumerate(self.replicas) if r.proc is not None and r.proc.poll() is not None]
+        for n in dead:
+            self.replicas[n].start(self.studies, self.args, self._env(n))
+        return [self.replicas[n].name for n in dead]
+
     def start(self, timeout: float = 600) -> Cluster:
-        gpus = gpu_count()
+        self.gpus = gpu_count()
         for n, r in enumerate(self.replicas):
-            env = dict(self.env, CUDA_VISIBLE_DEVICES=str(n % gpus)) if gpus else self.env
-            r.start(self.studies, self.args, env)
+            r.start(self.studies, self.args, self._env(n))
             if n == 0:
                 r.wait_healthy(timeout)
         for r in self.replicas[1:]:
@@ -265,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="where HAProxy listens (127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HAProxy's port (8000); replicas on the ports after it")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "replicas", help="logs and HAProxy's configuration")
+    p.add_argument(
+        "--restart-after",
+        type=float,
+        default=10,
+        help="seconds after a replica exits before it is started again (10; -1: never)",
+    )
     a = p.parse_args(ours)
     if not a.studies.startswith(("http://", "https://")):
         p.error(
@@ -277,13 +297,20 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(f"{r.name} :{r.port}" for r in cluster.replicas)
         print(f"segvol-label: {a.replicas} replicas ({names}) behind HAProxy on {cluster.url}", flush=True)
         print(f"  OHIF:  {cluster.url}/ohif/   logs: {a.work}", flush=True)
-        down: set[str] = set()
+        died: dict[str, float] = {}
         try:
             while True:
                 for r in cluster.replicas:
-                    if r.proc.poll() is not None and r.name not in down:
-                        down.add(r.name)
-                        print(f"replica {r.name} exited ({r.proc.returncode}): its images go to the others", flush=True)
+                    if r.proc.poll() is not None and r.name not in died:
+                        died[r.name] = time.monotonic()
+                        restart = f"; starting it again in {a.restart_after:g} s" if a.restart_after >= 0 else ""
+                        what = f"replica {r.name} exited ({r.proc.returncode}): its images go to the others"
+                        print(what + restart, flush=True)
+                due = [name for name, t in died.items() if 0 <= a.restart_after <= time.monotonic() - t]
+                if due:
+                    for name in cluster.revive():
+                        died.pop(name, None)
+                        print(f"replica {name} started again (log: {cluster.replica(name).log})", flush=True)
                 if cluster.haproxy.poll() is not None:
                     print("HAProxy exited; stopping", file=sys.stderr)
                     return 1

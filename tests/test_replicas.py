@@ -178,6 +178,17 @@ def test_an_image_stays_on_one_replica_and_a_killed_replica_loses_nothing(stack)
             r = _infer(cluster.url, image, "after")
             assert r.status_code == 200 and r.headers["X-SegVol-Replica"] == survivor, (image, replica, r.text)
 
+        # started again, it takes its images back (consistent hashing) once HAProxy sees it healthy
+        assert cluster.revive() == [victim]
+        cluster.replica(victim).wait_healthy(120)
+        mine = [image for image, replica in owner.items() if replica == victim]
+        deadline = time.time() + 30
+        while _infer(cluster.url, mine[0], "back").headers.get("X-SegVol-Replica") != victim:
+            assert time.time() < deadline, "the restarted replica did not get its images back"
+            time.sleep(0.5)
+        for image in mine:
+            assert _infer(cluster.url, image, "back").headers["X-SegVol-Replica"] == victim
+
         # labels lost: 0 (every save answered 200 is an SEG in the archive, each leased image has one)
         segs = archive.segs()
         per_image = defaultdict(int)

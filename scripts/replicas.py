@@ -122,6 +122,22 @@ def server_command(studies: str, port: int, args: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "monailabel.main", "start_server", *app, "--uvicorn_app", "server:app", *args]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
+    """Until ``url``/segvol/health answers 200 (a replica, or HAProxy routing to one); an exit of
+    ``proc`` or the timeout is an error naming ``what`` and its log."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited ({proc.returncode}); see {log}")
+        try:
+            if requests.get(f"{url}/segvol/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not healthy after {timeout:.0f} s; see {log}")
+
+
 @dataclass
 class Replica:
     name: str
@@ -143,21 +159,8 @@ class Replica:
                 start_new_session=True,
             )
 
-    def healthy(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/segvol/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
     def wait_healthy(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited ({self.proc.returncode}); see {self.log}")
-            if self.healthy():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"replica {self.name} not healthy after {timeout:.0f} s; see {self.log}")
+        wait_healthy(self.url, self.proc, f"replica {self.name}", self.log, timeout)
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
@@ -234,21 +237,8 @@ class Cluster:
             raise RuntimeError(f"HAProxy refused {cfg}:\n{check.stderr}")
         with open(self.work / "haproxy.log", "w") as log:
             self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-        self._wait_routing(timeout=30)
+        wait_healthy(self.url, self.haproxy, "HAProxy", self.work / "haproxy.log", timeout=30)
         return self
-
-    def _wait_routing(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.haproxy.poll() is not None:
-                raise RuntimeError(f"HAProxy exited; see {self.work / 'haproxy.log'}")
-            try:
-                if requests.get(f"{self.url}/segvol/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"HAProxy on {self.url} does not answer; see {self.work / 'haproxy.log'}")
 
     def stop(self) -> None:
         if self.haproxy and self.haproxy.poll() is None:

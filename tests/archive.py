@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -146,4 +147,18 @@ def dicomweb_server(url: str, work, log_name: str = "server.log", **conf: str):
             "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
         },
+    )
+
+
+def save_liver(url: str, image: str, label, client: str) -> requests.Response:
+    """A final label saved through the server as a client sends it: the label as raw bytes on the
+    image grid (Fortran order), its value 1 named "liver"."""
+    return requests.put(
+        f"{url}/datastore/label",
+        params={"image": image, "tag": "final"},
+        files={
+            "params": (None, json.dumps({"client_id": client, "label_info": [{"name": "liver"}]})),
+            "label": ("label.bin", label.tobytes(order="F")),
+        },
+        timeout=120,
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from archive import PASSWORD, USER, Archive, dicomweb_server, foreign_seg, orthanc
+from archive import PASSWORD, USER, Archive, dicomweb_server, foreign_seg, orthanc, save_liver
 from conftest import ROOT, SHARED, run_cli
 
 sys.path.insert(0, str(SHARED / "tools"))
@@ -57,15 +57,7 @@ def stack(tmp_path_factory):
 
 
 def _save(srv, image: str, label: np.ndarray, client: str) -> dict:
-    r = requests.put(
-        f"{srv.url}/datastore/label",
-        params={"image": image, "tag": "final"},
-        files={
-            "params": (None, json.dumps({"client_id": client, "label_info": [{"name": "liver"}]})),
-            "label": ("label.bin", label.tobytes(order="F")),
-        },
-        timeout=120,
-    )
+    r = save_liver(srv.url, image, label, client)
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from archive import PASSWORD, USER, Archive
+from archive import PASSWORD, USER, Archive, save_liver
 from conftest import ROOT, SHARED
 from server import free_port
 
@@ -80,18 +80,6 @@ def _infer(url: str, image: str, client: str) -> requests.Response:
     )
 
 
-def _save(url: str, image: str, label: np.ndarray, client: str) -> requests.Response:
-    return requests.put(
-        f"{url}/datastore/label",
-        params={"image": image, "tag": "final"},
-        files={
-            "params": (None, json.dumps({"client_id": client, "label_info": [{"name": "liver"}]})),
-            "label": ("label.bin", label.tobytes(order="F")),
-        },
-        timeout=120,
-    )
-
-
 def _label(seed: int) -> np.ndarray:
     return (make_phantom(SHAPE, (4.0, 4.0, 8.0), seed=seed + 1)[1] == 1).astype(np.uint8)
 
@@ -143,7 +131,7 @@ def test_an_image_stays_on_one_replica_and_a_killed_replica_loses_nothing(stack)
                 n += 1
                 if n % 3 == 0:
                     for _ in range(5):  # a save answered 503 is sent again, as the panel does
-                        s = _save(cluster.url, mine, _label(series.index(mine)), client)
+                        s = save_liver(cluster.url, mine, _label(series.index(mine)), client)
                         with lock:
                             answers.append((mine, s.status_code, s.text[:200]))
                         if s.status_code == 200:
@@ -213,7 +201,7 @@ def test_one_round_at_a_time_across_replicas_and_its_promotion_served_by_both(st
     with _cluster(work, archive, **conf) as cluster:
         for n in (0, 1, 2):
             image = archive.series[f"ct{n}"]
-            r = _save(cluster.url, image, _label(n), f"ann{n}")
+            r = save_liver(cluster.url, image, _label(n), f"ann{n}")
             assert r.status_code == 200, r.text
         r0, r1 = cluster.replicas
         before = {r.name: _status(r)["model_version"] for r in (r0, r1)}

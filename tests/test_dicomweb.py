@@ -226,6 +226,7 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     label = np.zeros((512, 512, 48), np.uint8)
     label[200:260, 200:260, 20:25] = 1
     nib.save(nib.Nifti1Image(label, LUNG1_AFFINE), str(tmp_path / "a.nii.gz"))
+    client.infer("segvol", image_id, {"label_prompt": [62]})  # the annotator has the image open
     archive.stop()
     try:
         with pytest.raises(MONAILabelClientException) as e:

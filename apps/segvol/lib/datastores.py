@@ -25,6 +25,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import requests
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.config import settings
@@ -292,8 +293,12 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
 
     def get_image_uri(self, image_id: str) -> str:
         """MONAI Label's, but its first call returns the cached NIfTI as well: its converter leaves
-        a temporary copy in /tmp and returns that one (removed here)."""
-        uri = super().get_image_uri(image_id)
+        a temporary copy in /tmp and returns that one (removed here). An image not in the cache while
+        the archive does not answer is a 503 saying so."""
+        try:
+            uri = super().get_image_uri(image_id)
+        except requests.RequestException as e:
+            raise self._archive_down(e) from e
         cached = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         if self._convert_to_nifti and uri != cached and os.path.exists(cached):
             os.unlink(uri)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lib import paths
 from lib.params import FIRST_FREE_VALUE
-from segvol.io import ImageReadError, Volume, read_volume
+from lib.uploads import read_label
+from segvol.io import ImageReadError, Volume
 from segvol.vocabulary import Category, Vocabulary
 
-TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+WHOLE = re.compile(r"^[0-9]{1,5}$")  # ASCII digits only: "²" and "١" pass str.isdigit, not int()
 FREE_VALUES = range(FIRST_FREE_VALUE, 256)
 
 
@@ -29,9 +31,10 @@ class LabelPart:
 
 
 def check_tag(tag: str) -> str:
-    if not TAG.match(tag or ""):
-        raise LabelError(f"label tag {tag!r} is not allowed (letters, digits, '_' and '-', up to 64)")
-    return tag
+    try:
+        return paths.tag(tag)
+    except paths.PathError as e:
+        raise LabelError(str(e)) from e
 
 
 GRID_TOLERANCE_MM = 1e-3  # per affine entry, plus a relative 1e-5 of its size (float32 files)
@@ -58,23 +61,21 @@ def check_grid(label_affine: np.ndarray, image_affine: np.ndarray) -> None:
     )
 
 
-def read_upload(path: str | Path, image: Volume) -> np.ndarray:
-    """A label file as an (i, j, k) integer array on the image's grid. ``.bin`` is OHIF's raw
-    uint8 labelmap in Fortran order."""
-    p = Path(path)
-    if p.name.endswith(".bin"):
-        raw = np.fromfile(p, dtype=np.uint8)
-        if raw.size != image.array.size:
-            raise LabelError(f"raw label has {raw.size} bytes; the image has {image.array.size} voxels")
-        return raw.reshape(image.array.shape, order="F")
+def read_upload(path: str | Path, image: Volume, max_bytes: int = 1024 * 1024 * 1024) -> np.ndarray:
+    """A label file as an (i, j, k) integer array on the image's grid, read by its content
+    (lib.uploads: NIfTI, attached-data NRRD, or OHIF's raw uint8 labelmap in Fortran order with one
+    byte per image voxel), never by its name. Raises lib.uploads.UploadError (UploadTooLarge past
+    ``max_bytes``, for a 413) for a file that is not read, and LabelError for a label that is read
+    but does not fit the image (grid, values); UploadError is deliberately not a LabelError."""
+    volume = read_label(path, image, max_bytes, raw_ok=True)
+    arr = np.asarray(volume.array)
+    if arr.shape != image.array.shape:  # read_label gives the image's shape; kept as a guard
+        raise LabelError(f"label shape {arr.shape} differs from the image shape {image.array.shape}")
     try:
-        volume = read_volume(p)
+        label_affine = volume.affine
     except ImageReadError as e:
         raise LabelError(f"the label is not a readable volume: {e}") from e
-    arr = np.asarray(volume.array)
-    if arr.shape != image.array.shape:
-        raise LabelError(f"label shape {arr.shape} differs from the image shape {image.array.shape}")
-    check_grid(volume.affine, image.affine)
+    check_grid(label_affine, image.affine)
     if not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             raise LabelError("label values must be whole numbers")
@@ -99,9 +100,10 @@ def names_of(present: list[int], label_info) -> dict[int, str]:
         names = {}
         for d in label_info:
             idx = d["idx"]
-            if isinstance(idx, bool) or not isinstance(idx, int | float | str) or not str(idx).strip().isdigit():
-                raise LabelError(f"label_info idx {idx!r} (for {d['name']!r}) is not a whole number")
-            names[int(str(idx).strip())] = d["name"].strip()
+            text = str(idx).strip() if isinstance(idx, int | str) and not isinstance(idx, bool) else ""
+            if not WHOLE.match(text) or int(text) > 65535:
+                raise LabelError(f"label_info idx {idx!r} (for {d['name']!r}) is not a whole number from 0 to 65535")
+            names[int(text)] = d["name"].strip()
         missing = [v for v in present if v not in names]
         if missing:
             raise LabelError(f"label values {missing} are in the label but label_info names only {sorted(names)}")

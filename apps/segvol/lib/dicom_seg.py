@@ -34,7 +34,7 @@ from pydicom.sr.coding import Code
 
 import segvol
 from lib.archive import DRAFT_PREFIX
-from lib.identity import person_name
+from lib.dicom_text import character_set, long_string, person_name
 from lib.params import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
 
@@ -44,6 +44,7 @@ LOCAL_SCHEME = "99SEGVOL"
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 NOT_CODED = Code("C", LOCAL_SCHEME, "Category not coded")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162, algorithm family
+TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}  # what SpecificCharacterSet applies to
 
 
 class SegError(ValueError):
@@ -60,27 +61,29 @@ class Segment:
 
 
 def _code(d: dict) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(str(d["CodeValue"]), d["CodingSchemeDesignator"], d["CodeMeaning"][:64])
+    return hd.sr.CodedConcept(str(d["CodeValue"]), d["CodingSchemeDesignator"], long_string(d["CodeMeaning"]))
 
 
 def describe(seg: Segment, number: int, model_version: str) -> hd.seg.SegmentDescription:
     """One segment: label, codes (the laterality modifier inside the type code item, where the
-    standard puts it), algorithm type and identification."""
+    standard puts it), algorithm type and identification. The name is the client's: it is made a
+    valid LO value (lib.dicom_text) for the label and the local code's meaning."""
+    name = long_string(seg.name, f"segment {number}")
     snomed = seg.category.snomed if seg.category else None
     if snomed:
         category = _code(snomed["category"]) if snomed.get("category") else ANATOMICAL_STRUCTURE
         prop_type = _code(snomed)
     else:
         category = ANATOMICAL_STRUCTURE if seg.category and seg.category.type != "lesion" else NOT_CODED
-        prop_type = hd.sr.CodedConcept(f"V{seg.value}", LOCAL_SCHEME, seg.name[:64])
+        prop_type = hd.sr.CodedConcept(f"V{seg.value}", LOCAL_SCHEME, name)
     algorithm = None
     if seg.algorithm != "MANUAL":
         algorithm = hd.AlgorithmIdentificationSequence(
-            name="SegVol", family=ARTIFICIAL_INTELLIGENCE, version=(seg.model_version or model_version)[:64]
+            name="SegVol", family=ARTIFICIAL_INTELLIGENCE, version=long_string(seg.model_version or model_version)
         )
     description = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=seg.name[:64],
+        segment_label=name,
         segmented_property_category=category,
         segmented_property_type=prop_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues[seg.algorithm],
@@ -106,6 +109,15 @@ def _reference(series_dir: Path) -> tuple[sitk.Image, list[pydicom.Dataset]]:
     return image, [pydicom.dcmread(f) for f in files]
 
 
+def _texts(dataset: pydicom.Dataset) -> list[str]:
+    """Every text value of ``dataset``, inside sequences too."""
+    values = []
+    for element in dataset.iterall():
+        if element.VR in TEXT_VRS and element.value is not None:
+            values += [str(v) for v in (element.value if element.VM > 1 else [element.value])]
+    return values
+
+
 def write_seg(
     label_ijk: np.ndarray,
     series_dir: Path,
@@ -116,7 +128,9 @@ def write_seg(
     draft: bool = False,
 ) -> Path:
     """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``;
-    ``creator`` (the annotator) becomes ContentCreatorName; ``draft``: a pre-annotation to correct."""
+    ``creator`` (the annotator) becomes ContentCreatorName; ``draft``: a pre-annotation to correct.
+    Client strings (creator, segment names) are made valid DICOM values (lib.dicom_text); the SEG
+    says ISO_IR 192 (UTF-8) where any of its text is not ASCII, so it reads back exactly."""
     ref, datasets = _reference(series_dir)
     if tuple(label_ijk.shape) != tuple(ref.GetSize()):
         raise SegError(f"label shape {label_ijk.shape} differs from the image shape {tuple(ref.GetSize())}")
@@ -125,6 +139,7 @@ def write_seg(
         raise SegError("the label is empty: a DICOM SEG needs at least one segment")
     # frames in the datasets' order (slice k), rows = j, columns = i; one plane per segment
     description = f"{DRAFT_PREFIX}SegVol {model_version}" if draft else f"SegVol {model_version} by {creator}"
+    description = long_string(description, f"SegVol {model_version}")
     frames = np.stack([(label_ijk == s.value).transpose(2, 1, 0) for s in present], axis=-1)
     seg = hd.seg.Segmentation(
         source_images=datasets,
@@ -137,15 +152,20 @@ def write_seg(
         instance_number=1,
         manufacturer="segvol-label",
         manufacturer_model_name="SegVol",
-        software_versions=f"segvol-label {segvol.__version__}; SegVol {model_version}"[:64],
+        software_versions=long_string(f"segvol-label {segvol.__version__}; SegVol {model_version}"),
         device_serial_number="segvol-label",
         content_creator_name=person_name(creator),
         content_label="DRAFT" if draft else "SEGVOL",
-        content_description=f"SegVol {model_version}"[:64],
-        series_description=description[:64],
+        content_description=long_string(f"SegVol {model_version}"),
+        series_description=description,
         omit_empty_frames=False,
     )
     seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # for lists that sort by series time
+    # highdicom 0.22 sets no SpecificCharacterSet (nor copies the CT's): without one, pydicom writes
+    # what Latin-1 cannot hold as '?'. Every text value counts, also the patient's copied from the CT.
+    charset = character_set(*_texts(seg))
+    if charset:
+        seg.SpecificCharacterSet = charset
     if out is None:
         fd, name = tempfile.mkstemp(suffix=".dcm")
         os.close(fd)

@@ -54,6 +54,27 @@ def crop_label(label_ijk: np.ndarray, crop: Crop) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x[tuple(slice(a, b) for a, b in zip(crop.start, crop.stop))]))
 
 
+@dataclass(frozen=True)
+class Skip:
+    """A view left out of a round because its target is empty: sampled, it would give nothing to
+    learn (and a box or points of no voxel cannot be drawn), so the round lists it instead."""
+
+    image: str
+    category: str
+    view: str  # "zoom-out", "zoom-in window 2/4 (crop d 0..16, h 3..67, w 0..64)", or ALL_VIEWS
+    reason: str
+
+    def line(self) -> str:
+        return f"skipped: {self.image} {self.category} {self.view}: {self.reason}"
+
+
+ALL_VIEWS = "zoom-out and zoom-in"
+
+
+def _sizes(shape: Sequence[int]) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
 def views_of(
     predictor: SegVolPredictor,
     image_ijk: np.ndarray,
@@ -62,25 +83,59 @@ def views_of(
     image_id: str,
     zoom_in: bool = True,
     max_windows: int | None = None,
+    skipped: list[Skip] | None = None,
 ) -> list[View]:
     """The zoom-out view and the zoom-in windows around the mask, each with its target; with
-    ``max_windows``, only the windows holding the most of the mask (each costs an encoder pass)."""
+    ``max_windows``, only the windows holding the most of the mask (each costs an encoder pass).
+    A view whose target is empty once cropped / downsampled / windowed is left out (one brush
+    stroke on one slice vanishes from the zoom-out) and, with ``skipped``, recorded there."""
+    skips: list[Skip] = []
+
+    def skip(view: str, reason: str) -> None:
+        skips.append(Skip(image_id, category, view, reason))
+
+    views: list[View] = []
+    if not np.any(mask_ijk):
+        skip(ALL_VIEWS if zoom_in else "zoom-out", "the label has no voxel of it")
+        return _recorded(views, skips, skipped)
     predictor.set_image(image_ijk)
     image = predictor.image
     mask = crop_label(mask_ijk > 0, image.crop).float()
     if not mask.any():
-        return []
+        c = image.crop
+        where = ", ".join(f"{ax} {a}..{b}" for ax, a, b in zip("dhw", c.start, c.stop))
+        skip(ALL_VIEWS if zoom_in else "zoom-out", f"no voxel inside the image's foreground crop ({where})")
+        return _recorded(views, skips, skipped)
     size = predictor.size
     small = F.interpolate(mask[None, None], size=size, mode="nearest-exact")[0, 0]
-    views = [View(predictor.zoom_out_embedding(), small, category, image_id)]
+    if small.any():
+        views.append(View(predictor.zoom_out_embedding(), small, category, image_id))
+    else:
+        skip(
+            "zoom-out",
+            f"empty after downsampling to {_sizes(size)} (from the {_sizes(mask.shape)} crop, "
+            f"{int(mask.sum())} voxels)",
+        )
     plan = predictor.window_grid(mask > 0) if zoom_in else None
     if plan is not None:
         padded = predictor.pad_roi(mask, plan)
         targets = [padded[tuple(slice(s, s + n) for s, n in zip(win.start, size))] for win in plan.windows]
+        for n, (win, target) in enumerate(zip(plan.windows, targets)):
+            if not target.any():
+                where = ", ".join(f"{ax} {a}..{b}" for ax, (a, b, _) in zip("dhw", win.key))
+                skip(f"zoom-in window {n + 1}/{len(targets)} (crop {where})", "holds none of the label")
         chosen = [n for n in sorted(range(len(targets)), key=lambda n: -int(targets[n].sum())) if targets[n].any()]
         chosen = sorted(chosen[:max_windows] if max_windows else chosen)
         embeddings = predictor.window_embeddings([plan.windows[n].key for n in chosen])
         views += [View(emb, targets[n], category, image_id) for n, emb in zip(chosen, embeddings)]
+    return _recorded(views, skips, skipped)
+
+
+def _recorded(views: list[View], skips: list[Skip], skipped: list[Skip] | None) -> list[View]:
+    for s in skips:
+        log.debug("%s", s.line())
+    if skipped is not None:
+        skipped.extend(skips)
     return views
 
 
@@ -103,8 +158,17 @@ def check_batch(batch: int, processes: int) -> None:
         )
 
 
+def _empty(target: torch.Tensor, what: str) -> ValueError:
+    return ValueError(
+        f"cannot draw {what} on an empty target ({_sizes(target.shape)}, no voxel): views_of leaves such views out"
+    )
+
+
 def _box(target: torch.Tensor, rng: random.Random, jitter: float) -> list[float]:
+    """The target's bounding box, each side jittered; refused (ValueError) for an empty target."""
     nz = torch.nonzero(target)
+    if nz.shape[0] == 0:
+        raise _empty(target, "a box")
     lo, hi = nz.min(0).values.tolist(), nz.max(0).values.tolist()
     shape = target.shape
     out_lo, out_hi = [], []
@@ -116,7 +180,11 @@ def _box(target: torch.Tensor, rng: random.Random, jitter: float) -> list[float]
 
 
 def _points(target: torch.Tensor, rng: random.Random, max_extra: int = 4) -> tuple[list, list]:
+    """One to 1 + ``max_extra`` points inside the target, up to ``max_extra`` outside; refused
+    (ValueError) for an empty target, which has no point inside to click."""
     pos, neg = torch.nonzero(target > 0.5), torch.nonzero(target < 0.5)
+    if len(pos) == 0:
+        raise _empty(target, "points")
     pts, labels = [], []
     for pool, label, n in ((pos, 1, 1 + rng.randint(0, max_extra)), (neg, 0, rng.randint(0, max_extra))):
         for _ in range(n if len(pool) else 0):
@@ -220,6 +288,10 @@ class DecoderTrainer:
         one flat buffer (``distributed.sum_gradients``) is what DDP's reducer does."""
         if not views:
             raise ValueError("no training views")
+        empty = [v for v in views if not v.target.any()]
+        if empty:  # refused before any step rather than at the step that draws one
+            v = empty[0]
+            raise ValueError(f"{len(empty)} training view(s) with an empty target ({v.image} {v.category}, ...)")
         check_batch(batch, distributed.world())
         replay = list(replay)
         device = self.predictor.device

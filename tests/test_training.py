@@ -292,3 +292,147 @@ except VersionError as e:
     assert store.names() == ["v0001"] and store.active() == "v0001"
     assert not list(store.root.glob(".v*"))  # no half-written version left
     assert torch.equal(store.load("v0001")["mask_decoder.x"], torch.zeros(4))
+
+
+BONE, SPLEEN, NO_CATEGORY = 58, 32, 250  # "bone" and "spleen" in SegVol's vocabulary; 250 names none
+
+
+def relabel(folder: Path, image_id: str, edit) -> np.ndarray:
+    """Rewrite one final label in place: ``edit`` changes its (i, j, k) array; returns the array."""
+    path = folder / "labels" / "final" / f"{image_id}.nii.gz"
+    saved = nib.load(str(path))
+    label = np.asarray(saved.dataobj).copy()
+    edit(label)
+    nib.save(nib.Nifti1Image(label, saved.affine), str(path))
+    return label
+
+
+def round_parts(folder: Path, tmp_path: Path, **conf: str):
+    """service, datastore and train task on the phantoms already written (and edited) in ``folder``."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from lib.service import SegVolService
+    from lib.settings import AppSettings
+    from lib.trainers.decoder import SegVolDecoderTrainer
+
+    settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions"), **conf), tmp_path / "model")
+    service = SegVolService(settings)
+    datastore = LocalDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False)
+    return service, datastore, SegVolDecoderTrainer(service)
+
+
+def sides(ids: list[str]) -> tuple[list[str], list[str]]:
+    from lib.trainers.decoder import split
+
+    train, held = split([(i, "", "", "") for i in ids])
+    return [t[0] for t in train], [h[0] for h in held]
+
+
+def test_a_stroke_that_vanishes_from_the_zoom_out_is_skipped_and_the_round_still_trains(tmp_path):
+    """Issue 19: one brush stroke on one slice, saved as "bone", made every round fail in _box
+    (the zoom-out target was empty after downsampling). Now that view is left out and listed."""
+    from lib.trainers.progress import RoundProgress
+    from segvol.model import CONFIGS
+    from segvol.preprocess import nearest_exact_source, prepare
+
+    studies = tmp_path / "studies"
+    ids = write_phantoms(studies, 5)
+    train, held = sides(ids)
+    size = tuple(CONFIGS["segvol-tiny"].spatial_size)
+    expected = []
+    for image_id in train[:3]:
+        crop = prepare(np.asarray(nib.load(str(studies / f"{image_id}.nii.gz")).dataobj), size).crop
+        unread = sorted(set(range(crop.shape[0])) - set(nearest_exact_source(crop.shape[0], size[0]).tolist()))
+        assert unread, crop  # the crop is deeper than the model: the zoom-out leaves slices out
+        k = crop.start[0] + unread[0]  # a slice the zoom-out never reads: the stroke vanishes
+
+        def stroke(label: np.ndarray, k: int = k) -> None:
+            label[20:60, 36, k] = BONE
+
+        relabel(studies, image_id, stroke)
+        shape = "x".join(map(str, crop.shape))
+        expected.append(
+            f"skipped: {image_id} bone zoom-out: empty after downsampling to {'x'.join(map(str, size))} "
+            f"(from the {shape} crop, 40 voxels)"
+        )
+
+    def unknown(label: np.ndarray) -> None:
+        label[30:34, 30:34, 10] = NO_CATEGORY
+
+    relabel(studies, train[3], unknown)
+    expected.append(
+        f"skipped: {train[3]} label value {NO_CATEGORY} zoom-out and zoom-in: names no SegVol category (1..223)"
+    )
+    service, datastore, trainer = round_parts(studies, tmp_path)
+    result = trainer(dict(ROUND), datastore)
+    lines = result["skipped_views"]
+    assert all(line in lines for line in expected), lines
+    assert not any(" bone zoom-out" in line for line in lines if not any(i in line for i in train[:3])), lines
+    # the stroke still trains through its zoom-in windows, and the liver is learnt as before
+    assert result["categories"] == ["bone", "liver"] and result["held_out_categories"] == ["liver"], result
+    # (measured: 0.087 -> 0.167; less than the liver-only round's gain, as the tiny model cannot
+    # tell the two categories apart by text)
+    assert result["val_dice_after"] > result["val_dice_before"] + 0.05, result
+    assert result["status"] == "promoted" and "warning" not in result, result
+    assert service.versions.meta(result["version"])["skipped_views"] == lines
+    assert RoundProgress(service.versions.root).read()["result"]["skipped_views"] == lines
+    print(f"held-out Dice {result['val_dice_before']:.3f} -> {result['val_dice_after']:.3f}; {len(lines)} skipped")
+
+
+def test_held_out_images_sharing_no_category_with_training_reject_the_round(tmp_path):
+    """Held-out Dice of a category the round never trained measures nothing: no Dice is reported
+    and the version is not served, even with a gate that would pass any gain."""
+    studies = tmp_path / "studies"
+    ids = write_phantoms(studies, 5)
+    _, held = sides(ids)
+    for image_id in held:
+        relabel(studies, image_id, lambda label: np.place(label, label == 1, SPLEEN))
+    service, datastore, trainer = round_parts(studies, tmp_path, promote_min_gain="-1", promote_replay_margin="1")
+    service.load()
+    served = {k: v.clone() for k, v in service.predictor.model.state_dict().items()}
+    result = trainer(dict(ROUND, steps=20), datastore)
+    warning = "held-out images share no category with the training images: Dice measures nothing"
+    assert result["status"] == f"rejected: {warning}" and result["warning"] == warning, result
+    assert result["categories"] == ["liver"] and result["held_out_categories"] == ["spleen"], result
+    assert "val_dice_before" not in result and "val_dice_after" not in result, result
+    meta = service.versions.meta(result["version"])
+    assert meta["warning"] == warning and "val_dice_after" not in meta
+    assert service.versions.active() == "base" and service.versions.history() == []
+    after = service.predictor.model.state_dict()
+    assert all(torch.equal(served[k], after[k]) for k in served)
+    service.sync_version()
+    assert service.version == service.base_version
+
+
+def test_labels_that_leave_no_training_view_end_the_round_with_nothing_to_learn(tmp_path):
+    """All-zero label maps and values that name no category: a skipped round with its reason."""
+    studies = tmp_path / "studies"
+    ids = write_phantoms(studies, 5)
+    train, _ = sides(ids)
+    for n, image_id in enumerate(train):
+        relabel(studies, image_id, lambda label, n=n: np.place(label, label > 0, NO_CATEGORY if n else 0))
+    service, datastore, trainer = round_parts(studies, tmp_path)
+    result = trainer(dict(ROUND), datastore)
+    assert result["status"] == "skipped", result
+    assert result["reason"].startswith(f"nothing to learn: the {len(train)} training image(s) give no view"), result
+    lines = result["skipped_views"]
+    assert f"skipped: {train[0]} (no category) zoom-out and zoom-in: the label map is all zero" in lines, lines
+    assert sum(f"label value {NO_CATEGORY}" in line for line in lines) == len(train) - 1, lines
+    assert service.versions.names() == [] and service.versions.active() == "base"
+
+
+def test_a_box_or_points_of_an_empty_target_are_refused_by_name():
+    """Defence in depth: the round never draws on an empty target, and if it did, it says why."""
+    import random
+
+    from segvol.finetune import _box, _points
+
+    rng = random.Random(0)
+    empty = torch.zeros(4, 8, 8)
+    with pytest.raises(ValueError, match="cannot draw a box on an empty target"):
+        _box(empty, rng, 0.1)
+    with pytest.raises(ValueError, match="cannot draw points on an empty target"):
+        _points(empty, rng)
+    one = empty.clone()
+    one[1, 2, 3] = 1
+    assert _box(one, rng, 0.0)[:3] <= [1.0, 2.0, 3.0] and _points(one, rng)[0][0] == [1, 2, 3]

@@ -41,11 +41,13 @@ from lib.trainers.progress import RUNNING, RoundProgress
 from lib.validation import Param, RequestError, check
 from segvol import distributed
 from segvol.embedding_store import EmbeddingStore, encoder_digest
-from segvol.finetune import DecoderTrainer, View, check_batch, trainable_state, views_of
+from segvol.finetune import ALL_VIEWS, DecoderTrainer, Skip, View, check_batch, trainable_state, views_of
 from segvol.io import read_volume
 
 log = logging.getLogger(__name__)
 ROUND_PY = Path(__file__).resolve().parents[2] / "round.py"  # a round from the command line / torchrun
+MAX_SKIP_LINES = 100  # the result lists at most this many skipped views, then how many more
+NO_SHARED_CATEGORY = "held-out images share no category with the training images: Dice measures nothing"
 
 
 def image_id_of(path: str) -> str:
@@ -163,12 +165,13 @@ class SegVolDecoderTrainer(TrainTask):
             for item in datastore.datalist(full_path=True)
         ]
 
-    def _views(self, predictor, items, progress: RoundProgress) -> list[list[View]]:
-        """The views of each item, in order. Under torchrun each process encodes its share and
-        every process gets all (embeddings travel on the CPU and come back to the device)."""
+    def _views(self, predictor, items, progress: RoundProgress) -> tuple[list[list[View]], list[Skip]]:
+        """The views of each item, in order, and the views left out (an empty target: nothing to
+        learn). Under torchrun each process encodes its share and every process gets all
+        (embeddings travel on the CPU and come back to the device)."""
         vocab = self.service.vocabulary
         windows = self.service.settings.train_windows or None
-        mine = []
+        mine, mine_skipped = [], []
         share = distributed.shard(items)
         bar = tqdm(share, desc="encoding views", unit="image", disable=not distributed.is_main())
         for n, (image_id, image_path, label_path, _) in enumerate(bar):
@@ -176,17 +179,31 @@ class SegVolDecoderTrainer(TrainTask):
             progress.update("encoding views", min(n * distributed.world(), len(items)), len(items))
             image = read_volume(image_path).array
             label = np.asarray(read_volume(label_path).array)
-            views = []
-            for value in (int(v) for v in np.unique(label) if v):
+            views: list[View] = []
+            skipped: list[Skip] = []
+            values = [int(v) for v in np.unique(label) if v]
+            if not values:
+                skipped.append(Skip(image_id, "(no category)", ALL_VIEWS, "the label map is all zero"))
+            for value in values:
                 if not 1 <= value <= len(vocab):
-                    log.warning("%s: label value %d names no SegVol category; skipped", image_id, value)
+                    why = f"names no SegVol category (1..{len(vocab)})"
+                    skipped.append(Skip(image_id, f"label value {value}", ALL_VIEWS, why))
                     continue
                 name = vocab.categories[value - 1].name
-                views += views_of(predictor, image, label == value, name, image_id, max_windows=windows)
+                views += views_of(
+                    predictor, image, label == value, name, image_id, max_windows=windows, skipped=skipped
+                )
             mine.append(views)
+            mine_skipped.append(skipped)
+        gathered = distributed.gather_shards(mine_skipped)  # plain dataclasses: they travel as they are
+        skips = [s for per_item in gathered for s in per_item]
+        for s in skips if distributed.is_main() else ():
+            if not s.view.startswith("zoom-in window"):  # a window beside the label is routine
+                log.warning("%s", s.line())
         if distributed.world() == 1:
-            return mine
-        return [_on(views, predictor.device) for views in distributed.gather_shards([_on(v, "cpu") for v in mine])]
+            return mine, skips
+        views = [_on(v, predictor.device) for v in distributed.gather_shards([_on(v, "cpu") for v in mine])]
+        return views, skips
 
     @contextmanager
     def _stored_encodings(self, predictor) -> Iterator[EmbeddingStore | None]:
@@ -291,20 +308,24 @@ class SegVolDecoderTrainer(TrainTask):
         previous = self.service.version
         t_views = time.time()
         with self._stored_encodings(predictor) as store:
-            per_item = self._views(predictor, train + held, progress)
+            per_item, skips = self._views(predictor, train + held, progress)
+        skipped = _skip_lines(skips)
         counts = distributed.gather_shards([(store.hits, store.misses) if store else (0, 0)])
         encodings = {"reused": sum(c[0] for c in counts), "computed": sum(c[1] for c in counts)} if store else {}
         train_views = [v for views in per_item[: len(train)] for v in views]
         val_views = [v for views in per_item[len(train) :] for v in views]
         t_views = time.time() - t_views
         progress.update("measuring", 0, 1)
-        if not train_views:
-            return {"status": "skipped", "reason": "the final labels name no SegVol category"}
+        empty = _nothing_to_learn(train_views, val_views, len(train), len(held), len(skips))
+        if empty:  # a round ends with its reason, never an exception, whatever one label holds
+            return {"status": "skipped", "reason": empty, "skipped_views": skipped}
         trainer = DecoderTrainer(predictor, lr=lr, seed=asked.get("seed", 0))
         trained = sorted({v.category for v in train_views})
+        # held-out Dice of categories the round never trained measures nothing the round did
+        measured = bool(set(trained) & {v.category for v in val_views})
         others = [c for c in s.auto_labels if c not in trained][:3]
         replay = trainer.replay_views(train_views + val_views, others)
-        before = trainer.mean_dice(val_views)
+        before = trainer.mean_dice(val_views) if measured else None
         bar = tqdm(total=steps, desc="fine-tune", unit="step", disable=not distributed.is_main())
 
         def step(i: int, loss: float) -> None:
@@ -317,11 +338,15 @@ class SegVolDecoderTrainer(TrainTask):
         t_train = time.time() - t_train
         bar.close()
         progress.update("measuring", 0, 1)
-        after = trainer.mean_dice(val_views)
+        after = trainer.mean_dice(val_views) if measured else None
         replay_dice = trainer.mean_dice(replay) if replay else 1.0
-        gain_ok = after > before + s.promote_min_gain
         replay_ok = replay_dice >= 1 - s.promote_replay_margin
-        why = [] if gain_ok else [f"held-out Dice {before:.3f} -> {after:.3f} did not rise"]
+        if not measured:
+            why = [NO_SHARED_CATEGORY]
+        elif after > before + s.promote_min_gain:
+            why = []
+        else:
+            why = [f"held-out Dice {before:.3f} -> {after:.3f} did not rise"]
         why += [] if replay_ok else [f"replay Dice {replay_dice:.3f} below {1 - s.promote_replay_margin:.2f}"]
         status = "rejected: " + "; ".join(why) if why else "promoted"
         meta = {
@@ -332,6 +357,7 @@ class SegVolDecoderTrainer(TrainTask):
             "labels": [{"image": it[0], "label": it[3], "held_out": it in held} for it in items],
             "split": SPLIT_RULE,
             "categories": trained,
+            "held_out_categories": sorted({v.category for v in val_views}),
             "replay_categories": others,
             "steps": steps,
             "lr": lr,
@@ -339,8 +365,6 @@ class SegVolDecoderTrainer(TrainTask):
             "processes": distributed.world(),
             "loss_first": losses[0],
             "loss_last": float(np.mean(losses[-10:])),
-            "val_dice_before": before,
-            "val_dice_after": after,
             "replay_dice": replay_dice,
             "status": status,
             "seconds": round(time.time() - t0, 1),
@@ -348,12 +372,38 @@ class SegVolDecoderTrainer(TrainTask):
             "seconds_training": round(t_train, 1),
             "views": {"train": len(train_views), "held_out": len(val_views), "replay": len(replay)},
             "encodings": encodings,
+            "skipped_views": skipped,
         }
+        if measured:
+            meta.update(val_dice_before=before, val_dice_after=after)
+        else:  # no Dice reported: one that measures nothing would read as a result
+            meta["warning"] = NO_SHARED_CATEGORY
         if not distributed.is_main():
             return distributed.broadcast(None)
         store = self.service.versions
         name = store.write(trainable_state(trainer.model), meta)
-        if not why:
+        if not why:  # promoted only when the held-out Dice measured a trained category
             store.activate(name, f"held-out Dice {before:.3f} -> {after:.3f}, replay {replay_dice:.3f}")
         log.info("round %s: %s (%.1f s)", name, status, time.time() - t0)
         return distributed.broadcast(dict(meta, version=name))
+
+
+def _skip_lines(skips: list[Skip]) -> list[str]:
+    """The round's skipped views as lines for its result, at most ``MAX_SKIP_LINES`` of them."""
+    lines = [s.line() for s in skips[:MAX_SKIP_LINES]]
+    if len(skips) > MAX_SKIP_LINES:
+        lines.append(f"... and {len(skips) - MAX_SKIP_LINES} more skipped views")
+    return lines
+
+
+def _nothing_to_learn(train_views: list[View], val_views: list[View], train: int, held: int, skipped: int) -> str:
+    """Why the round cannot train or measure once the empty views are left out ("" if it can):
+    then it ends with this reason, as a skipped round, never with an exception."""
+    side = None
+    if not train_views:
+        side = f"the {train} training image(s) give no view with a target"
+    elif not val_views:
+        side = f"the {held} held-out image(s) give no view with a target to measure the gain on"
+    if side is None:
+        return ""
+    return f"nothing to learn: {side} ({skipped} view(s) skipped, listed in skipped_views)"

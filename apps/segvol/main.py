@@ -10,7 +10,6 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -19,7 +18,10 @@ import segvol
 from lib.configs.segvol import SegVolTaskConfig
 from lib.datastores import SegVolDICOMWebDatastore, open_datastore
 from lib.identity import IdentityError, client_of
+from lib.leases import WithoutImages
+from lib.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
+from segvol.io import ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +77,22 @@ class SegVolApp(MONAILabelApp):
         try:
             client = client_of(request)
         except IdentityError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from e
+            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        labels = request.get("labels")
+        if labels is not None and not (
+            isinstance(labels, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS for n in labels)
+        ):
+            raise HTTPException(
+                status_code=400, detail=f"labels must be a list of category names of 1 to {MAX_NAME_CHARS} characters"
+            )
         name = request.get("strategy") or "uncertainty"
         strategy = self._strategies.get(name)
         if strategy is None:
             raise HTTPException(
                 status_code=404, detail=f"no strategy {name!r}; available: {', '.join(self._strategies)}"
             )
-        result, note = self.service.leases.next_image(client, strategy, request, self.datastore())
+        candidates = WithoutImages(self.datastore(), self.service.unreadable.ids())
+        result, note = self.service.leases.next_image(client, strategy, request, candidates, self.readable)
         if result is None:
             return {}
         result["path"] = self._datastore.get_image_uri(result["id"])
@@ -93,6 +103,19 @@ class SegVolApp(MONAILabelApp):
         else:
             log.info("next image for %s: %s, leased until %s", client, result["id"], result["lease"]["until"])
         return result
+
+    def readable(self, image_id: str) -> bool:
+        """Whether the image can be read (a folder's file may be truncated or not a volume); one
+        that cannot is listed once (log and /segvol/status) and skipped by every strategy."""
+        unreadable = self.service.unreadable
+        if unreadable.has(image_id):
+            return False
+        try:
+            self.datastore().check_readable(image_id)
+        except ImageReadError as e:
+            unreadable.add(image_id, str(e))
+            return False
+        return True
 
     def init_trainers(self) -> dict:
         return {"segvol": self.task_config.trainer(self.studies)}
@@ -162,20 +185,15 @@ class SegVolApp(MONAILabelApp):
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str):
-            store = datastore or self.datastore()
-            if not self._known_image(store, image):
+        if isinstance(image, str) and image:
+            if not self.knows_image(image):
                 raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
             request = dict(request, image_id=image)  # MONAI Label replaces "image" with a file path
+        elif not request.get("session_id"):
+            raise HTTPException(status_code=400, detail="give ?image=<an id from /datastore/> or a session")
         return super().infer(request, datastore)
 
-    @staticmethod
-    def _known_image(store, image: str) -> bool:
-        if isinstance(store, LocalDatastore):
-            return image in store.list_images()
-        if not image or "/" in image or "\\" in image or image.startswith("."):
-            return False
-        try:
-            return bool(store.get_image_uri(image))
-        except Exception:  # the datastore's own lookup failure means: not there
-            return False
+    def knows_image(self, image: object) -> bool:
+        """Whether ``image`` is an id the datastore lists: the one test every route applies before
+        an id becomes a path (lib/paths.py)."""
+        return isinstance(image, str) and bool(image) and image in self.datastore().list_images()

@@ -14,11 +14,13 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
+import datastore_routes
 import jwt
 import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
-from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
+from datastore_routes import Annotator, Manager, Reader, known_image
+from fastapi import BackgroundTasks, File, Form, HTTPException, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from monailabel.app import app
@@ -26,7 +28,7 @@ from monailabel.config import settings
 from monailabel.endpoints import batch_infer, train
 from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.infer import ResultType, run_inference
-from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.endpoints.user.auth import User
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.utils import processes
@@ -65,19 +67,36 @@ def from_token(token: str) -> User:
 
     MONAI Label 0.8.5's own check calls ``jwt.decode`` without ``algorithms``, which the PyJWT 2 it
     requires refuses, so every token was answered 401. Same claims and role path
-    (``MONAI_LABEL_AUTH_TOKEN_*``), with RS256, the algorithm of Keycloak's realm keys."""
+    (``MONAI_LABEL_AUTH_TOKEN_*``), with RS256, the algorithm of Keycloak's realm keys. A token
+    must carry an expiry and a usable user name: the user name is the identity everywhere (leases,
+    provenance, the SEG's creator), so a token without one, or with an empty or unprintable one,
+    is answered 401 naming the claim, never served as anyone."""
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         return auth.DEFAULT_USER
+    from lib.identity import usable_name
+
     key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
-    claims = jwt.decode(token, key, algorithms=["RS256"], options={"verify_aud": False})
+    try:
+        claims = jwt.decode(token, key, algorithms=["RS256"], options={"verify_aud": False, "require": ["exp"]})
+    except jwt.InvalidTokenError as e:
+        raise HTTPException(status_code=401, detail=f"the token is not valid: {e}") from e
+    claim = settings.MONAI_LABEL_AUTH_TOKEN_USERNAME
+    username = usable_name(claims.get(claim))
+    if username is None:
+        raise HTTPException(
+            status_code=401,
+            detail=f"the token's user name claim {claim!r} is missing, empty or not a printable name "
+            "(1 to 128 characters, no backslash or '='): it cannot identify anyone",
+        )
     roles = claims
     for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
         roles = roles.get(part) if isinstance(roles, dict) else None
+    email, name = (claims.get(c) for c in (settings.MONAI_LABEL_AUTH_TOKEN_EMAIL, settings.MONAI_LABEL_AUTH_TOKEN_NAME))
     return User(
-        username=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME),
-        email=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_EMAIL),
-        name=claims.get(settings.MONAI_LABEL_AUTH_TOKEN_NAME),
-        roles=roles if isinstance(roles, list) else [],
+        username=username,
+        email=email if isinstance(email, str) else None,
+        name=name if isinstance(name, str) else None,
+        roles=[r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
     )
 
 
@@ -102,6 +121,50 @@ async def identify(request: Request, call_next):
     return await call_next(request)
 
 
+class BodyLimit:
+    """Refuses a request body past its bound with 413 while it arrives, before anything parses
+    or spools it: uploads (multipart) up to ``--conf max_upload_mb`` and a little form overhead,
+    anything else (JSON parameters) up to 1 MB."""
+
+    FORM_OVERHEAD = 1 << 20
+    OTHER = 1 << 20
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def limit(self, scope) -> int:
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if not content_type.startswith(b"multipart/"):
+            return self.OTHER
+        try:
+            return app_instance().service.settings.max_upload_bytes + self.FORM_OVERHEAD
+        except Exception:  # before the app is built: MONAI Label's default
+            return 1024 * 2**20 + self.FORM_OVERHEAD
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = HTTPException(status_code=413, detail=f"the request body is over {limit / 2**20:g} MB")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = JSONResponse({"detail": too_large.detail}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def bounded():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large
+            return message
+
+        await self.app(scope, bounded, send)
+
+
+app.add_middleware(BodyLimit)
+
 REPLICA = os.environ.get("SEGVOL_REPLICA") or f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -114,8 +177,9 @@ async def replica_header(request: Request, call_next):
 
 
 @app.get("/segvol/health", summary="200 once the model is loaded, else 503 (for load balancers)")
-def health() -> JSONResponse:
-    """What a load balancer's health check asks: no sign-in, no model run, no datastore scan."""
+async def health() -> JSONResponse:
+    """What a load balancer's health check asks: no sign-in, no model run, no datastore scan;
+    on the event loop itself (it only reads attributes), so no busy thread pool delays it."""
     service = app_instance().service
     ready = service.predictor is not None
     body = {"replica": REPLICA, "ready": ready, "model_version": service.version, "error": service.error}
@@ -124,8 +188,6 @@ def health() -> JSONResponse:
 
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
 SEGVOL_MODE = Path(__file__).parent / "static" / "segvol-mode.js"
-SignedIn = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
-Admin = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))]
 
 
 def _checked(fn, *args):
@@ -138,6 +200,13 @@ def _checked(fn, *args):
         raise HTTPException(status_code=400, detail=str(e)) from e
 
 
+def _bounded(params: object, what: str = "params") -> None:
+    """Every list, string and number in a request's parameters within lib/limits.py's bounds."""
+    from lib.limits import check_sizes
+
+    _checked(check_sizes, params, what)
+
+
 @app.get("/ohif/app-config.js", include_in_schema=False)
 def ohif_config() -> Response:
     """OHIF's configuration, plus the SegVol mode (static/segvol-mode.js)."""
@@ -145,9 +214,10 @@ def ohif_config() -> Response:
 
 
 @app.post("/activelearning/{strategy}", summary="Next image for this client, leased to it")
-def next_image(strategy: str, user: SignedIn, params: dict | None = None) -> dict:
+def next_image(strategy: str, user: Annotator, params: dict | None = None) -> dict:
     """MONAI Label's next sample, run off the event loop (a strategy may encode images), through
     the app's leases; when nothing is left, a message that says so."""
+    _bounded(params)
     return sample(strategy, params, user.username) or {"message": NOTHING_LEFT}
 
 
@@ -155,7 +225,7 @@ def next_image(strategy: str, user: SignedIn, params: dict | None = None) -> dic
 def infer(
     background_tasks: BackgroundTasks,
     model: str,
-    user: SignedIn,
+    user: Annotator,
     image: str = "",
     session_id: str = "",
     params: Annotated[str, Form()] = "{}",
@@ -163,11 +233,23 @@ def infer(
     label: Annotated[UploadFile | None, File()] = None,
     output: ResultType | None = None,
 ):
-    """MONAI Label's inference, with ``params`` checked to be a JSON object first (MONAI Label
-    answers null or a string with a 500), run off the event loop."""
+    """MONAI Label's inference, with ``params`` checked to be a bounded JSON object first (MONAI
+    Label answers null or a string with a 500), run off the event loop. The tasks segment the
+    datastore's images only: an uploaded image, label or session, or params that would replace
+    the image or model MONAI Label passes on, are refused."""
+    from lib.limits import check_json_text
     from lib.validation import params_object
 
-    _checked(params_object, params)
+    _checked(check_json_text, params)
+    asked = _checked(params_object, params)
+    _bounded(asked)
+    refused = [k for k, v in (("file", file), ("label", label), ("session_id", session_id)) if v]
+    refused += sorted(k for k in asked if k in ("image", "image_id", "model", "session"))
+    if refused:
+        raise HTTPException(
+            status_code=400,
+            detail=f"infer takes the image as ?image=<an id from /datastore/>; not accepted here: {', '.join(refused)}",
+        )
     return run_inference(background_tasks, model, image, session_id, params, file, label, output)
 
 
@@ -181,13 +263,15 @@ def _trainer(model: str):
 
 
 @app.post("/train/{model}", summary="Start a fine-tune round (parameters checked before anything starts)")
-def train_model(model: str, user: Admin, params: dict | None = None, run_sync: bool = False, enqueue: bool = False):
+def train_model(model: str, user: Manager, params: dict | None = None, run_sync: bool = False, enqueue: bool = False):
+    _bounded(params)
     _checked(_trainer(model).check_params, params or {})
     return train.run_model(model, params, run_sync, enqueue)
 
 
 @app.post("/train/", summary="Start a round of every trainer", include_in_schema=False)
-def train_all(user: Admin, params: dict | None = None, run_sync: bool = False):
+def train_all(user: Manager, params: dict | None = None, run_sync: bool = False):
+    _bounded(params)
     for model, asked in (params or {}).items():
         if not isinstance(asked, dict):
             raise HTTPException(status_code=400, detail=f"params[{model!r}] must be a JSON object")
@@ -196,12 +280,13 @@ def train_all(user: Admin, params: dict | None = None, run_sync: bool = False):
 
 
 @app.post("/batch/infer/{model}", summary="Run a task over the datastore (parameters checked before it starts)")
-def batch(model: str, user: Admin, images: batch_infer.BatchInferImageType = "all", params: dict | None = None):
+def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "all", params: dict | None = None):
     task = app_instance()._infers.get(model)
     if task is None:
         raise HTTPException(
             status_code=404, detail=f"no model {model!r}; available: {', '.join(app_instance()._infers)}"
         )
+    _bounded(params)
     _checked(task.check_batch_params, params or {})
     return batch_infer.run(model, images, params)
 
@@ -212,18 +297,11 @@ def _client(client_id: str | None) -> str:
     try:
         return client_of({"client_id": client_id})
     except IdentityError as e:
-        raise HTTPException(status_code=400, detail=str(e)) from e
-
-
-def _image(image: str) -> str:
-    instance = app_instance()
-    if not instance._known_image(instance.datastore(), image):
-        raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore")
-    return image
+        raise HTTPException(status_code=e.status, detail=str(e)) from e
 
 
 @app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
-def status(user: SignedIn, client_id: str | None = None, image: str | None = None) -> dict:
+def status(user: Reader, client_id: str | None = None, image: str | None = None) -> dict:
     from lib.trainers.progress import RUNNING, RoundProgress
 
     instance = app_instance()
@@ -256,21 +334,38 @@ def status(user: SignedIn, client_id: str | None = None, image: str | None = Non
         "last_round": last,
         "warning": service.warning,
         "error": service.error,
+        "unreadable_images": service.unreadable.as_json(),
+        "pending_segs": _pending(instance.datastore()),
     }
 
 
+def _pending(store) -> dict | None:
+    """SEGs waiting for the archive and those it refused (None on a folder datastore)."""
+    state = getattr(store, "pending_state", None)
+    return state() if state is not None else None
+
+
+@app.post("/segvol/pending/retry", summary="Send the SEGs the archive refused again (after fixing the archive)")
+def retry_pending(user: Manager) -> dict:
+    store = app_instance().datastore()
+    if not hasattr(store, "retry_refused"):
+        raise HTTPException(status_code=404, detail="the datastore is a folder: no SEGs are sent to an archive")
+    sent = store.retry_refused()
+    return {"sent": sent, **store.pending_state()}
+
+
 @app.get("/segvol/labels", summary="Every label saved for an image, newest first (the archive's SEGs)")
-def label_history(image: str, user: SignedIn) -> list[dict]:
-    return app_instance().datastore().history(_image(image))
+def label_history(image: str, user: Reader) -> list[dict]:
+    return app_instance().datastore().history(known_image(image))
 
 
 @app.get("/segvol/labels/voxels", summary="A saved label on the image grid: raw uint8, Fortran order")
-def label_voxels(image: str, user: SignedIn, seg: str | None = None) -> Response:
+def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
     """The image's final label, or the SEG series ``seg``, as OHIF's labelmap layout (index
     i + nx*j + nx*ny*k) with values = /info label indices; header X-SegVol-Labels: value -> name."""
     if seg is not None and not SERIES_UID.match(seg):
         raise HTTPException(status_code=400, detail=f"seg {seg!r} is not a DICOM UID")
-    label, names = app_instance().datastore().label_voxels(_image(image), seg)
+    label, names = app_instance().datastore().label_voxels(known_image(image), seg)
     return Response(
         np.asarray(label, np.uint8).tobytes(order="F"),
         media_type="application/octet-stream",
@@ -278,8 +373,9 @@ def label_voxels(image: str, user: SignedIn, seg: str | None = None) -> Response
     )
 
 
-# ahead of MONAI Label's own routes (the same paths, and the /ohif/{path} catch-all)
-OVERRIDES = (ohif_config, next_image, infer, train_model, train_all, batch)
+# ahead of MONAI Label's own routes (the same paths and methods, which answer no more; and the
+# /ohif/{path} catch-all)
+OVERRIDES = (ohif_config, next_image, infer, train_model, train_all, batch, *datastore_routes.ROUTES)
 ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in OVERRIDES]
 app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
 

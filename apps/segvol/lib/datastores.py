@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -27,24 +28,41 @@ import nibabel as nib
 import numpy as np
 import requests
 from fastapi import HTTPException
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
-from monailabel.datastore.local import DataModel, LocalDatastore, LocalDatastoreModel
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from monailabel.datastore.utils.dicom import dicom_web_download_series, dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 
 from lib.archive import SegIndex
 from lib.dicom_seg import SegError, Segment, read_seg, write_seg
 from lib.identity import IdentityError, client_of
 from lib.labels import LabelError, LabelPart, check_tag, normalise, read_upload
+from lib.paths import PathError, inside, new_id
 from lib.provenance import AUTOMATIC, MANUAL, Origin
-from segvol.io import read_volume
+from lib.uploads import UploadError, UploadTooLarge
+from segvol.io import ImageReadError, read_volume
 
 log = logging.getLogger(__name__)
+SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 RETRIES = 3
+ARCHIVE_OWNS_IMAGES = (
+    "on a DICOMweb archive, series and SEGs are added and deleted in the archive itself, not through this server"
+)
+DOWN_RECENTLY = 30.0  # seconds: after the archive failed to answer, one try per upload instead of RETRIES
+
+
+class ArchiveUnreachable(ConnectionError):
+    """The archive did not answer (connection refused, timeout, 5xx): try again later."""
+
+
+class ArchiveRefused(ValueError):
+    """The archive answered and refused the SEG (4xx), or the file cannot be sent at all: sending
+    it again unchanged would fail again."""
 
 
 def _write_nifti_like(image_path: str, label: np.ndarray, path: str) -> str:
@@ -56,10 +74,97 @@ def _write_nifti_like(image_path: str, label: np.ndarray, path: str) -> str:
     return path
 
 
+def _signature(path: str) -> tuple[int, int, int]:
+    """What identifies one version of the index file: every write replaces it (a new inode), and
+    mtime alone can repeat within a clock tick."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class SegVolLabels:
-    """What both datastores do before storing a label."""
+    """What both datastores do before storing a label, and how their index file is kept.
+
+    The index (MONAI Label's ``datastore_v2.json``) is shared by every process on the folder. It
+    is read again whenever the file changed (a stat per question), and changed only as
+    read-modify-write under its file lock: no process ever writes back a copy older than the
+    file (which would drop another process's labels), and writing a stale copy is refused."""
 
     last_saved = threading.local()  # what this thread saved last (the app reports it to the client)
+
+    @property
+    def root(self) -> Path:
+        """The folder every file of this datastore lies in (images, labels, the cache)."""
+        return Path(self._datastore_path).resolve()
+
+    @property
+    def _index_lock(self) -> FileLock:
+        """One lock object per datastore, re-entrant in a thread (filelock counts), so a change
+        may hold it across MONAI Label's own steps that take it again."""
+        lock = self.__dict__.get("_segvol_index_lock")
+        if lock is None:
+            lock = self.__dict__["_segvol_index_lock"] = FileLock(self._lock_file)
+        return lock
+
+    def _init_from_datastore_file(self, throw_exception: bool = False) -> None:
+        try:
+            with self._index_lock:
+                self._reload_index()
+        except ValueError as e:
+            log.error("the datastore index %s cannot be read: %s", self._datastore_config_path, e)
+            if throw_exception:
+                raise
+
+    def _fresh(self) -> None:
+        """Read the index again if another process changed it."""
+        try:
+            changed = _signature(self._datastore_config_path) != self._config_ts
+        except FileNotFoundError:
+            return
+        if changed:
+            self._init_from_datastore_file()
+
+    def _reconcile_datastore(self) -> None:
+        with self._index_lock:
+            super()._reconcile_datastore()
+
+    def list_images(self) -> list[str]:
+        self._fresh()
+        return super().list_images()
+
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        self._fresh()
+        return super().get_unlabeled_images(label_tag, labels)
+
+    def json(self) -> dict:
+        self._fresh()
+        return super().json()
+
+    def update_image_info(self, image_id: str, info: dict) -> None:
+        with self._index_lock:
+            self._reload_index()
+            super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict) -> None:
+        with self._index_lock:
+            self._reload_index()
+            super().update_label_info(label_id, label_tag, info)
+
+    def _inside(self, path: str) -> str:
+        """``path`` proven inside the datastore's folder (lib/paths.py), else a 400."""
+        try:
+            return str(inside(self.root, path)) if path else path
+        except PathError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+
+    def get_image_uri(self, image_id: str) -> str:
+        return self._inside(super().get_image_uri(image_id))
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return self._inside(super().get_label_uri(label_id, label_tag))
+
+    def check_readable(self, image_id: str) -> None:
+        """Raises ImageReadError when the image's file cannot be read as a volume."""
+        self.service.read(self.get_image_uri(image_id))
 
     def _prepare_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict):
         try:
@@ -71,10 +176,17 @@ class SegVolLabels:
                 raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
             image_path = self.get_image_uri(image_id)
             image = read_volume(image_path)
-            arr = read_upload(label_filename, image)
+            arr = read_upload(label_filename, image, self.service.settings.max_upload_bytes)
             label, parts = normalise(arr, (label_info or {}).get("label_info"), self.service.vocabulary)
-        except (LabelError, IdentityError) as e:
+        except UploadTooLarge as e:
+            raise HTTPException(status_code=413, detail=str(e)) from e
+        except (LabelError, UploadError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
+        except IdentityError as e:
+            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        except ImageReadError as e:  # the datastore's own image: listed as unreadable, skipped from now on
+            self.service.unreadable.add(image_id, str(e))
+            raise HTTPException(status_code=422, detail=f"image {image_id!r} cannot be read: {e}") from e
         info = dict(label_info or {})
         info.pop("client_id", None)
         info["client"] = client
@@ -128,7 +240,7 @@ class SegVolLabels:
         ours = self._datastore.objects.get(image_id)
         if ours is None:
             raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
-        label_dir = self._datastore.label_path(tag)
+        label_dir = self._inside(self._datastore.label_path(check_tag(tag)))
         os.makedirs(label_dir, exist_ok=True)
         name = self._filename(image_id, ".nii.gz")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.nii.gz", dir=label_dir)
@@ -138,8 +250,8 @@ class SegVolLabels:
         except BaseException:
             os.unlink(tmp)
             raise
-        with FileLock(self._lock_file):
-            os.replace(tmp, os.path.join(label_dir, name))
+        with self._index_lock:
+            os.replace(tmp, self._inside(os.path.join(label_dir, name)))
             self._reload_index()
             obj = self._datastore.objects.setdefault(image_id, ours)
             obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=".nii.gz")
@@ -150,7 +262,7 @@ class SegVolLabels:
         """Take in what other processes wrote to the index since this one read it (called holding
         the lock): writing this process's copy back would drop their labels otherwise."""
         try:
-            ts = os.stat(self._datastore_config_path).st_mtime
+            ts = _signature(self._datastore_config_path)
         except FileNotFoundError:
             return
         if ts != self._config_ts:
@@ -163,9 +275,19 @@ class SegVolLabels:
         """Free what reading the image kept on this machine (nothing here: the image is the folder's)."""
 
     def _update_datastore_file(self, lock: bool = True) -> None:
-        """The datastore index, replaced atomically (MONAI Label rewrites it in place)."""
+        """The datastore index, replaced atomically (MONAI Label rewrites it in place); refused
+        when the file changed since this process read it (its copy is stale)."""
 
         def write() -> None:
+            try:
+                on_disk = _signature(self._datastore_config_path)
+            except FileNotFoundError:
+                on_disk = self._config_ts
+            if on_disk != self._config_ts:
+                raise RuntimeError(
+                    f"the datastore index {self._datastore_config_path} changed since this process read it; "
+                    "not overwritten with a stale copy"
+                )
             self._ignore_event_config = True
             tmp = f"{self._datastore_config_path}.{os.getpid()}.{uuid.uuid4().hex}.partial"
             with open(tmp, "w") as f:
@@ -173,10 +295,10 @@ class SegVolLabels:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._datastore_config_path)
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+            self._config_ts = _signature(self._datastore_config_path)
 
         if lock:
-            with FileLock(self._lock_file):
+            with self._index_lock:
                 write()
         else:
             write()
@@ -186,6 +308,55 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
     def __init__(self, service, *args, **kwargs) -> None:
         self.service = service
         super().__init__(*args, **kwargs)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """A new image under a plain id (lib/paths.new_id), from a file the server named after its
+        checked content; refused when the id exists. Written whole or not at all."""
+        try:
+            image_id = new_id(image_id)
+        except PathError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        ext = next((e for e in (".nii.gz", ".nii", ".nrrd") if image_filename.endswith(e)), None)
+        if ext is None:
+            raise HTTPException(status_code=400, detail="images are NIfTI or NRRD files")
+        name = self._filename(image_id, ext)
+        dest = self._inside(os.path.join(self._datastore.image_path(), name))
+        with self._index_lock:
+            self._reload_index()
+            if image_id in self._datastore.objects:
+                raise HTTPException(status_code=409, detail=f"image {image_id!r} exists")
+            tmp = f"{dest}.{uuid.uuid4().hex}.partial"
+            shutil.copyfile(image_filename, tmp)
+            os.replace(tmp, dest)
+            info = dict(image_info or {}, ts=int(time.time()), name=name)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._update_datastore_file(lock=False)
+        log.info("image %s added (%s)", image_id, name)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        with self._index_lock:
+            self._reload_index()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore")
+            for tag in list(obj.labels):
+                Path(self.get_label_uri(image_id, tag)).unlink(missing_ok=True)
+            Path(self.get_image_uri(image_id)).unlink(missing_ok=True)
+            del self._datastore.objects[image_id]
+            self._update_datastore_file(lock=False)
+        log.info("image %s and its labels deleted", image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        with self._index_lock:
+            self._reload_index()
+            obj = self._datastore.objects.get(label_id)
+            if obj is None or label_tag not in obj.labels:
+                raise HTTPException(status_code=404, detail=f"image {label_id!r} has no {label_tag!r} label")
+            Path(self.get_label_uri(label_id, label_tag)).unlink(missing_ok=True)
+            del obj.labels[label_tag]
+            self._update_datastore_file(lock=False)
+        log.info("label %s (%s) deleted", label_id, label_tag)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
         image_path, label, _, info = self._prepare_label(image_id, label_filename, label_tag, label_info)
@@ -248,6 +419,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         self.pending = Path(self._datastore_path) / "pending-seg"
         self.pending.mkdir(parents=True, exist_ok=True)
         self.refresh_seconds = refresh_seconds
+        self._down_since: float | None = None  # when an upload last found the archive not answering
         self._series: tuple[float, list[str]] | None = None
         self.seg_index = SegIndex(
             self._client, Path(self._datastore_path) / ".segvol" / "seg-index.json", refresh_seconds
@@ -259,13 +431,35 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         )
 
     def list_images(self) -> list[str]:
+        """The archive's CT series, listed again every ``refresh_seconds``. While the archive does
+        not answer, the last list stands (a save of an image known before is kept, not refused);
+        before any list, that is a 503."""
         if self._series is None or time.monotonic() - self._series[0] > self.refresh_seconds:
             try:
                 found = self._client.search_for_series(search_filters=self._search_filter)
             except Exception as e:  # requests' connection and HTTP errors, whatever the client wraps them in
-                raise self._archive_down(e) from e
+                if self._series is None:
+                    raise self._archive_down(e) from e
+                log.warning("archive does not answer (%s); using the series listed %.0f s ago", e, self._age())
+                return list(self._series[1])
             self._series = (time.monotonic(), [str(Dataset.from_json(ds).SeriesInstanceUID) for ds in found])
         return list(self._series[1])
+
+    def _age(self) -> float:
+        return time.monotonic() - self._series[0] if self._series else 0.0
+
+    def check_readable(self, image_id: str) -> None:
+        """Not checked ahead on an archive (that would download the series on every Next image):
+        a series that does not convert is listed as unreadable when first read."""
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
+
+    def remove_image(self, image_id: str) -> None:
+        raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
 
     def _newest_segs(self) -> dict:
         try:
@@ -294,7 +488,9 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
     def get_image_uri(self, image_id: str) -> str:
         """MONAI Label's, but its first call returns the cached NIfTI as well: its converter leaves
         a temporary copy in /tmp and returns that one (removed here). An image not in the cache while
-        the archive does not answer is a 503 saying so."""
+        the archive does not answer is a 503 saying so. Only a DICOM UID becomes a path."""
+        if not SERIES_UID.match(image_id or ""):
+            raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
         try:
             uri = super().get_image_uri(image_id)
         except requests.RequestException as e:
@@ -314,7 +510,7 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
 
     def store_draft(self, image_id: str, label: np.ndarray, parts: list[LabelPart], creator: str, version: str) -> str:
         """A SEG marked as a draft, every segment AUTOMATIC; returns its series UID. Not kept as
-        pending when the archive does not answer: the series is simply not done (ConnectionError)."""
+        pending when the archive does not answer: the series is simply not done (ArchiveUnreachable)."""
         segments = [Segment(p.value, p.name, p.category, AUTOMATIC, version) for p in parts]
         seg_file = self._write_seg(image_id, label, segments, creator, draft=True)
         try:
@@ -365,34 +561,94 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
             return {"total": 0, "completed": 0, "label_tags": {}, "error": f"DICOMweb archive: {e}"}
 
     def _upload(self, seg_file: Path) -> str:
+        """Store one SEG file; its series UID. ArchiveRefused when the archive answers no (or the
+        file cannot be read to send), ArchiveUnreachable when it does not answer after RETRIES
+        tries (one try while it was found down in the last DOWN_RECENTLY seconds)."""
+        recently_down = self._down_since is not None and time.monotonic() - self._down_since < DOWN_RECENTLY
         last: Exception | None = None
-        for attempt in range(RETRIES):
+        for attempt in range(1 if recently_down else RETRIES):
+            if attempt:
+                time.sleep(0.5 * 2 ** (attempt - 1))
             try:
                 uid = dicom_web_upload_dcm(str(seg_file), self._client)
-                if uid:
-                    return uid
-                last = RuntimeError("the archive returned no series for the stored SEG")
-            except Exception as e:  # connection refused, timeouts, HTTP errors: all retried
+            except requests.HTTPError as e:
+                status = e.response.status_code if e.response is not None else 0
+                if 400 <= status < 500:
+                    body = (e.response.text or "").strip().replace("\n", " ")[:300]
+                    raise ArchiveRefused(f"the archive answered HTTP {status}: {body or e}") from e
                 last = e
-            time.sleep(0.5 * 2**attempt)
-        raise ConnectionError(f"{type(last).__name__}: {last}")
+            except (InvalidDicomError, AttributeError, KeyError, ValueError) as e:  # not a SEG we can send
+                raise ArchiveRefused(f"the file cannot be sent: {type(e).__name__}: {e}") from e
+            except Exception as e:  # connection refused, timeouts, 5xx: worth another try
+                last = e
+            else:
+                if not uid:
+                    raise ArchiveRefused("the archive stored nothing (its answer names no series)")
+                self._down_since = None
+                return uid
+        self._down_since = time.monotonic()
+        raise ArchiveUnreachable(f"{type(last).__name__}: {last}")
 
-    def flush_pending(self) -> list[str]:
-        """Upload SEGs kept while the archive was unreachable; returns their series UIDs. One
-        process at a time (a lock beside them), so no SEG is sent twice."""
+    @property
+    def refused(self) -> Path:
+        return self.pending / "refused"
+
+    def flush_pending(self, wait: bool = True) -> list[str]:
+        """Send the SEGs kept while the archive did not answer, oldest first; returns their series
+        UIDs. A SEG the archive refuses is moved aside to ``pending-seg/refused/`` with the reason
+        beside it (``/segvol/status`` lists it; ``POST /segvol/pending/retry`` sends it again) and
+        the others go on; the archive not answering stops the flush. One process at a time (a lock
+        beside them); with ``wait`` false, a flush already running elsewhere is left to finish."""
         done = []
-        with FileLock(str(self.pending / ".lock")):
+        lock = FileLock(str(self.pending / ".lock"))
+        try:
+            lock.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            return done
+        try:
             for seg_file in sorted(self.pending.glob("*.dcm")):
                 try:
                     done.append(self._upload(seg_file))
-                except ConnectionError as e:
-                    log.warning("archive still unreachable; %s stays pending (%s)", seg_file.name, e)
+                except ArchiveUnreachable as e:
+                    log.warning("archive unreachable; %s and later SEGs stay pending (%s)", seg_file.name, e)
                     break
+                except ArchiveRefused as e:
+                    self._set_aside(seg_file, str(e))
+                    continue
                 seg_file.unlink(missing_ok=True)
                 log.info("pending SEG %s stored in the archive", seg_file.name)
+        finally:
+            lock.release()
         if done:
             self.seg_index.refresh()
         return done
+
+    def _set_aside(self, seg_file: Path, why: str) -> Path:
+        self.refused.mkdir(exist_ok=True)
+        kept = self.refused / seg_file.name
+        shutil.move(seg_file, kept)
+        kept.with_suffix(".reason.json").write_text(json.dumps({"reason": why, "time": time.time()}))
+        log.error("archive refused SEG %s; kept aside in %s: %s", seg_file.name, kept, why)
+        return kept
+
+    def pending_state(self) -> dict:
+        """What waits to be sent, and what the archive refused (with why), for /segvol/status."""
+        refused = []
+        for seg_file in sorted(self.refused.glob("*.dcm")) if self.refused.exists() else []:
+            try:
+                reason = json.loads(seg_file.with_suffix(".reason.json").read_text())
+            except (OSError, ValueError):
+                reason = {"reason": "unknown", "time": seg_file.stat().st_mtime}
+            when = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(reason.get("time", 0)))
+            refused.append({"file": seg_file.name, "reason": reason.get("reason"), "since": when})
+        return {"waiting": len(list(self.pending.glob("*.dcm"))), "refused": refused}
+
+    def retry_refused(self) -> list[str]:
+        """Put the refused SEGs back in the queue and flush: after the archive's settings changed."""
+        for seg_file in sorted(self.refused.glob("*.dcm")) if self.refused.exists() else []:
+            seg_file.with_suffix(".reason.json").unlink(missing_ok=True)
+            shutil.move(seg_file, self.pending / seg_file.name)
+        return self.flush_pending()
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict, label_id: str = ""
@@ -421,16 +677,23 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
             for p in parts
         ]
         seg_file = self._write_seg(image_id, label, segments, info["client"])
-        self.flush_pending()
+        self.flush_pending(wait=False)
         try:
             uid = self._upload(seg_file)
-        except ConnectionError as e:
+        except ArchiveUnreachable as e:
             kept = self.pending / f"{image_id}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.dcm"
             shutil.move(seg_file, kept)
             raise HTTPException(
                 status_code=503,
-                detail=f"the DICOMweb archive did not take the SEG after {RETRIES} tries ({e}); "
+                detail=f"the DICOMweb archive did not take the SEG ({e}); "
                 f"it is kept in {kept} and will be sent on the next save or restart",
+            ) from e
+        except ArchiveRefused as e:
+            kept = self._set_aside(seg_file, str(e))
+            raise HTTPException(
+                status_code=502,
+                detail=f"the DICOMweb archive refused the SEG ({e}); it is kept in {kept}: "
+                "an admin can send it again (POST /segvol/pending/retry) once the archive takes it",
             ) from e
         os.unlink(seg_file)
         self.seg_index.refresh()  # the new SEG counts at once
@@ -443,8 +706,16 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         }
 
     def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A label on the image's grid. As MONAI Label calls it, ``label_id`` is a SEG series and
+        ``image_id`` its image; as this app's routes call it (no ``image_id``), ``label_id`` is the
+        image and its final label is its newest SEG ("" when it has none)."""
         if label_tag != DefaultLabelTag.FINAL:
             return super().get_label_uri(label_id, label_tag)
+        if not image_id:
+            seg = self._newest_segs().get(label_id)
+            if seg is None:
+                return ""
+            image_id, label_id = label_id, seg.uid
         return self._final_label_from(image_id, label_id)
 
     def _seg_on_grid(self, image_id: str, seg_series: str) -> tuple[np.ndarray, dict[int, str]]:
@@ -485,8 +756,19 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         return out
 
     def label_voxels(self, image_id: str, seg_series: str | None = None) -> tuple[np.ndarray, dict[int, str]]:
+        """The SEG ``seg_series`` of the image (404 unless the archive lists it as one of the
+        image's SEGs), or without it the image's final label (its newest SEG that is no draft)."""
+        try:
+            segs = self.seg_index.of_image(image_id)
+        except Exception as e:
+            raise self._archive_down(e) from e
         if seg_series is None:
-            return super().label_voxels(image_id)
+            final = next((seg for seg in segs if not seg.draft), None)
+            if final is None:
+                raise HTTPException(status_code=404, detail=f"image {image_id!r} has no final label")
+            seg_series = final.uid
+        elif seg_series not in {seg.uid for seg in segs}:
+            raise HTTPException(status_code=404, detail=f"no SEG {seg_series} of image {image_id!r} in the archive")
         return self._seg_on_grid(image_id, seg_series)
 
 

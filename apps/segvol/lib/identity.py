@@ -1,12 +1,15 @@
 """Who is asking: the signed-in user when MONAI Label's authentication is on, else the
 ``client_id`` the client sends in its params (3D Slicer and MONAILabelClient send one; the OHIF
-SegVol mode sends the annotator name set in its panel). Leases, provenance and the SEG's
+SegVol mode sends the annotator name set in its panel). Without authentication a client id is a
+name, not a proof: anyone may send any name (docs/security.md). Leases, provenance and the SEG's
 ContentCreatorName are keyed by it."""
 
 from __future__ import annotations
 
 import re
 from contextvars import ContextVar
+
+from monailabel.config import settings
 
 # set per request by server.py's middleware when MONAI Label's authentication is enabled
 current_user: ContextVar[str | None] = ContextVar("segvol_current_user", default=None)
@@ -18,26 +21,34 @@ ANONYMOUS = "anonymous"
 class IdentityError(ValueError):
     """A client id that cannot be used; the message says why."""
 
+    status = 400
 
-def client_of(params: dict | None) -> str:
-    user = current_user.get()
-    if user:
-        return user
-    value = (params or {}).get("client_id")
-    if value is None:
-        return ANONYMOUS
+
+class NotSignedIn(IdentityError):
+    """Authentication is on and the request names no signed-in user (HTTP 401)."""
+
+    status = 401
+
+
+def usable_name(value: object) -> str | None:
+    """``value`` as an identity (stripped), or None when it cannot be one."""
     if not isinstance(value, str) or not CLIENT.match(value.strip()):
-        raise IdentityError(f"client_id {value!r} is not usable: 1 to 128 printable characters, no backslash or '='")
+        return None
     return value.strip()
 
 
-def person_name(client: str) -> str:
-    """A DICOM person name (PN) for an annotator: "Jane Doe" -> "Doe^Jane", one word as the
-    family name ("annotator-3f9a^": without the '^' it reads as the retired free-text form), a
-    value that already has '^' as it is; 64 characters at most."""
-    if "^" in client:
-        return client[:64]
-    parts = client.split()
-    if len(parts) > 1:
-        return f"{parts[-1]}^{' '.join(parts[:-1])}"[:64]
-    return f"{client[:63]}^"
+def client_of(params: dict | None) -> str:
+    """Who asks. With authentication on, the token's user and nothing else: a ``client_id`` in the
+    request is ignored, and a request that reached here without a signed-in user is refused."""
+    user = current_user.get()
+    if user:
+        return user
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        raise NotSignedIn("no signed-in user: send a bearer token (MONAI Label's authentication is on)")
+    value = (params or {}).get("client_id")
+    if value is None:
+        return ANONYMOUS
+    name = usable_name(value)
+    if name is None:
+        raise IdentityError(f"client_id {value!r} is not usable: 1 to 128 printable characters, no backslash or '='")
+    return name

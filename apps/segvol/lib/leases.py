@@ -75,10 +75,41 @@ class Leases:
         with self.store.connect(write=True) as db:
             return db.execute("DELETE FROM leases WHERE image = ?", (image,)).rowcount
 
-    def next_image(self, client: str, strategy: Callable, request: dict, datastore) -> tuple[dict | None, str | None]:
+    def next_image(
+        self,
+        client: str,
+        strategy: Callable,
+        request: dict,
+        datastore,
+        readable: Callable[[str], bool] = lambda image: True,
+    ) -> tuple[dict | None, str | None]:
         """The strategy's pick for ``client`` among the images nobody else holds (and not the one
-        ``client`` held: asking again means the next one), leased to ``client``. Returns the
-        strategy's result (None: nothing left to annotate) and a note when the image is shared."""
+        ``client`` held: asking again means the next one), leased to ``client``, and that can be
+        read (checked after the pick lock is released; an unreadable pick is given back and the
+        strategy asked again, up to ``MAX_TRIES`` times). Returns the strategy's result (None:
+        nothing left to annotate) and a note when the image is shared.
+
+        A strategy's ``prepare(request, datastore)``, where it has one (scoring images with the
+        model), runs before the pick lock is taken: the lock that every annotator's Next image
+        waits on is held for the choice and the grant only."""
+        bad: set[str] = set()
+        for _ in range(MAX_TRIES):
+            candidates = WithoutImages(datastore, bad)
+            prepare = getattr(strategy, "prepare", None)
+            if prepare is not None:
+                prepare(request, candidates)
+            result, note = self._pick(client, strategy, request, candidates)
+            if result is None or readable(result["id"]):
+                return result, note
+            bad.add(result["id"])
+            self.give_back(result["id"], client)
+        return None, None
+
+    def give_back(self, image: str, client: str) -> None:
+        with self.store.connect(write=True) as db:
+            db.execute("DELETE FROM leases WHERE image = ? AND client = ?", (image, client))
+
+    def _pick(self, client: str, strategy: Callable, request: dict, datastore) -> tuple[dict | None, str | None]:
         with self.picking():
             taken = self.of_others(client)
             mine = self.held_by(client)
@@ -107,6 +138,9 @@ class Leases:
         """One pick at a time across every process on this store (choose, then grant)."""
         with self._pick_thread_lock, self._pick_lock:
             yield
+
+
+MAX_TRIES = 8  # unreadable picks in a row before Next image gives up
 
 
 class WithoutImages:

@@ -22,6 +22,7 @@ from lib.leases import Leases
 from lib.provenance import Provenance
 from lib.settings import AppSettings
 from lib.store import TeamStore
+from lib.unreadable import Unreadable
 from segvol.engine import Prediction, SegVolPredictor
 from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
@@ -69,6 +70,7 @@ class SegVolService:
         self._cached: tuple[tuple, Volume, str] | None = None  # (file identity, volume, content digest)
         self.provenance: Provenance | None = None  # set by attach_store once the datastore is known
         self.leases: Leases | None = None
+        self.unreadable = Unreadable()  # images that cannot be read, skipped by every strategy
 
     def attach_store(self, path: Path) -> None:
         """The team's shared state (leases, served results, saved labels) in the SQLite file ``path``."""

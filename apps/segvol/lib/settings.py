@@ -47,6 +47,10 @@ HELP = {
     "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
     "archive_refresh_seconds": "DICOMweb: how often the archive's series and SEGs are listed again (60)",
     "lease_minutes": "an image handed to one annotator is not handed to another for this long (30)",
+    "max_upload_mb": "the largest label, image or session file a client may upload, in MB (1024); "
+    "sizes are checked from the file's header before anything is inflated",
+    "datastore_changes": "without authentication, allow adding and deleting images, deleting labels and "
+    "rewriting label info over REST (false; with authentication the admin role may)",
     "team_db": "the team's shared state (leases, served results, saved labels): an SQLite file "
     "(default: .segvol/team.sqlite beside the datastore)",
 }
@@ -99,6 +103,8 @@ class AppSettings:
     promote_replay_margin: float = 0.1
     lease_minutes: float = 30.0
     archive_refresh_seconds: float = 60.0
+    max_upload_mb: float = 1024.0
+    datastore_changes: bool = False
     team_db: Path | None = None
 
     @classmethod
@@ -125,6 +131,7 @@ class AppSettings:
             "promote_replay_margin",
             "lease_minutes",
             "archive_refresh_seconds",
+            "max_upload_mb",
         ):
             default = cls.__dataclass_fields__[key].default
             kind = type(default)
@@ -151,6 +158,8 @@ class AppSettings:
                 f"--conf train_batch {numbers['train_batch']}: the batch is split evenly over the "
                 f"{numbers['train_processes']} processes (train_processes); use a multiple of it"
             )
+        if not numbers["max_upload_mb"] > 0:
+            raise ConfError(f"--conf max_upload_mb {conf['max_upload_mb']!r}: expected a positive number")
         if not numbers["lease_minutes"] > 0:
             raise ConfError(f"--conf lease_minutes {conf['lease_minutes']!r}: expected a positive number")
         return cls(
@@ -158,6 +167,7 @@ class AppSettings:
             model_config=model_config,
             device=conf.get("device", "auto"),
             zoom_in=_bool(conf, "zoom_in", True),
+            datastore_changes=_bool(conf, "datastore_changes", False),
             precision=_choice(conf, "precision", ("fp32", "bf16", "fp16")),
             auto_labels=labels,
             model_dir=model_dir,
@@ -169,3 +179,7 @@ class AppSettings:
     @property
     def seeded(self) -> bool:
         return self.weights == "seeded"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)

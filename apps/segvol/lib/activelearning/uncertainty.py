@@ -1,9 +1,14 @@
 """Next image to annotate: the one on which SegVol is least sure of the categories being annotated.
 
 Score: mean binary entropy of SegVol's zoom-out prediction (one encoder pass per image, text
-prompts only) over the categories in the request's ``labels``, else those already in final
-labels, else the first configured auto labels. Scores are kept per image and model version, so
-asking again costs nothing until the model or the images change.
+prompts only) over the categories in the request's ``labels`` (at most lib/limits.py's 16),
+else those already in final labels, else the first configured auto labels. Scores are kept per
+image and model version, so asking again costs nothing until the model or the images change.
+
+Scoring runs in ``prepare``, before the pick lock that every annotator's Next image takes, and
+holds the model lock for one image at a time, so prompts and other annotators' picks go on
+between images; the pick itself only compares scores already computed. An image that cannot be
+read is listed once as unreadable and skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.service import SegVolService
-from segvol.io import read_volume
+from segvol.io import ImageReadError, read_volume
 
 log = logging.getLogger(__name__)
 MAX_SCORES = 4096
@@ -48,11 +53,22 @@ class Uncertainty(Strategy):
         )
         return names or list(self.service.settings.auto_labels[:3])
 
-    def score(self, image_id: str, path: str, names: list[str]) -> float:
-        key = (image_id, self.service.version, tuple(names))
+    def _key(self, image_id: str, names: list[str]) -> tuple:
+        return (image_id, self.service.version, tuple(names))
+
+    def _candidates(self, request: dict, datastore) -> list[str]:
+        return datastore.get_unlabeled_images(request.get("label_tag"), None)[: self.max_images]
+
+    def score(self, image_id: str, path: str, names: list[str]) -> float | None:
+        """The image's score (None: it cannot be read, now listed as unreadable)."""
+        key = self._key(image_id, names)
         if key not in self._scores:
             predictor = self.service.wait()
-            volume = read_volume(path)
+            try:
+                volume = read_volume(path)
+            except ImageReadError as e:
+                self.service.unreadable.add(image_id, str(e))
+                return None
             with self.service.lock:
                 self.service.sync_version()
                 predictor.set_image(volume.array)
@@ -62,17 +78,34 @@ class Uncertainty(Strategy):
                         mean_entropy(predictor.model.decode(embedding, predictor.text_embedding(n)[0], upsample=False))
                         for n in names
                     ]
-            self._scores[key] = sum(values) / len(values)
+            self._scores[self._key(image_id, names)] = sum(values) / len(values)
             while len(self._scores) > MAX_SCORES:
                 self._scores.popitem(last=False)
-        return self._scores[key]
+        return self._scores.get(key)
+
+    def prepare(self, request: dict, datastore) -> None:
+        """Score every candidate not scored yet (outside the pick lock; one image per model lock)."""
+        names = self.categories(request, datastore)
+        for image_id in self._candidates(request, datastore):
+            if self._key(image_id, names) not in self._scores and not self.service.unreadable.has(image_id):
+                self.score(image_id, datastore.get_image_uri(image_id), names)
 
     def __call__(self, request: dict, datastore) -> dict | None:
-        images = datastore.get_unlabeled_images(request.get("label_tag"), None)[: self.max_images]
-        if not images:
-            return None
+        """The best-scored candidate; a candidate not scored yet (new since ``prepare``) is scored
+        here, which is the only model work that can happen under the pick lock."""
         names = self.categories(request, datastore)
-        scores = {i: self.score(i, datastore.get_image_uri(i), names) for i in images}
+        scores = {}
+        for image_id in self._candidates(request, datastore):
+            if self.service.unreadable.has(image_id):
+                continue
+            key = self._key(image_id, names)
+            value = self._scores.get(key)
+            if value is None:
+                value = self.score(image_id, datastore.get_image_uri(image_id), names)
+            if value is not None:
+                scores[image_id] = value
+        if not scores:
+            return None
         best = max(scores, key=scores.get)
         log.info(
             "uncertainty over %s: %s",

@@ -11,8 +11,8 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.identity import IdentityError, client_of
-from lib.labels import TAG
 from lib.params import PromptBuilder, Target, flag, output_options
+from lib.paths import TAG
 from lib.service import SegVolService, ServiceUnavailable
 from lib.validation import Param, RequestError, check
 from segvol.engine import ImageTooLarge
@@ -79,10 +79,20 @@ class SegVolInferTask(InferTask):
         try:
             client = client_of(request)
             out = output_options(request)
+        except IdentityError as e:
+            raise HTTPException(status_code=e.status, detail=str(e)) from e
+        except PromptError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from e
+        try:
             volume = self.service.read(request["image"])
+        except ImageReadError as e:  # the datastore's own file: listed as unreadable, skipped from now on
+            if request.get("image_id"):
+                self.service.unreadable.add(request["image_id"], str(e))
+            raise HTTPException(status_code=422, detail=f"the image cannot be read: {e}") from e
+        try:
             builder = PromptBuilder(self.service.vocabulary, volume.array.shape, flag(request, "exact_text"))
             targets = self.targets(request, builder)
-        except (PromptError, ImageError, ImageReadError, IdentityError) as e:
+        except (PromptError, ImageError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
         values = [t.value for t in targets]
         try:

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import jwt
+import nibabel as nib
 import numpy as np
 import pytest
 import requests
@@ -48,9 +49,93 @@ def realm():
     httpd.shutdown()
 
 
-def _token(key, user: str) -> dict:
-    claims = {"preferred_username": user, "realm_access": {"roles": ROLES}, "exp": int(time.time()) + 600}
-    return {"Authorization": "Bearer " + jwt.encode(claims, key, algorithm="RS256")}
+def _token(key, user: str | None, roles=ROLES, **claims) -> dict:
+    body = {"realm_access": {"roles": roles}, "exp": int(time.time()) + 600, **claims}
+    if user is not None:
+        body["preferred_username"] = user
+    body = {k: v for k, v in body.items() if v is not None}
+    return {"Authorization": "Bearer " + jwt.encode(body, key, algorithm="RS256")}
+
+
+@pytest.fixture(scope="module")
+def signed_in(realm, tmp_path_factory):
+    """One server with authentication on, shared by the token and role tests."""
+    uri, key = realm
+    work = tmp_path_factory.mktemp("auth")
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": uri}
+    studies = _studies(work / "studies")
+    with Server(studies, CONF, work / "server.log", extra_env=env, headers=_token(key, "ada")) as srv:
+        srv.studies = studies
+        yield srv, key
+
+
+@pytest.mark.parametrize(
+    ("user", "claims", "why"),
+    [
+        ("", {}, "preferred_username"),
+        (None, {}, "preferred_username"),
+        ("   ", {}, "preferred_username"),
+        ("a\\b", {}, "preferred_username"),
+        ("x" * 300, {}, "preferred_username"),
+        (["ada"], {}, "preferred_username"),
+        (7, {}, "preferred_username"),
+        ("ada", {"exp": None}, "exp"),
+        ("ada", {"exp": int(time.time()) - 60}, "expired"),
+    ],
+)
+def test_a_token_without_a_usable_user_acts_as_nobody(signed_in, user, claims, why):
+    srv, key = signed_in
+    bad = _token(key, user, **claims)
+    before = requests.get(f"{srv.url}/segvol/status", headers=_token(key, "ada"), timeout=30).json()
+    for method, path, body in [
+        ("post", "/activelearning/first", {"client_id": "grace"}),
+        ("get", "/segvol/status?client_id=grace", None),
+        ("get", "/info/", None),
+    ]:
+        r = requests.request(method, f"{srv.url}{path}", json=body, headers=bad, timeout=30)
+        assert r.status_code == 401 and why in r.json()["detail"], (user, claims, path, r.status_code, r.text)
+    after = requests.get(f"{srv.url}/segvol/status", headers=_token(key, "ada"), timeout=30).json()
+    assert after["lease"] == before["lease"]
+
+
+def test_a_token_signed_by_another_key_is_401(signed_in):
+    srv, _ = signed_in
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    r = requests.post(f"{srv.url}/activelearning/first", json={}, headers=_token(other, "ada"), timeout=30)
+    assert r.status_code == 401, r.text
+
+
+def test_roles_decide_who_changes_the_datastore_and_starts_rounds(signed_in):
+    srv, key = signed_in
+    annotator = _token(key, "grace", roles=["monailabel-annotator", "monailabel-user"])
+    admin = _token(key, "root", roles=["monailabel-admin"])
+    nobody = _token(key, "eve", roles=[])
+    odd = _token(key, "odd", roles="monailabel-admin")  # a string, not a list: no roles
+    ct = nib.Nifti1Image(np.zeros((48, 40, 12), np.int16), np.diag([2.0, 2.0, 5.0, 1.0])).to_bytes()
+    checks = [
+        ("put", "/datastore/image", {"image": "new1"}, {"file": ("ct.nii", ct)}, "monailabel-admin"),
+        ("delete", "/datastore/image", {"id": IMAGES[0]}, None, "monailabel-admin"),
+        ("delete", "/datastore/label", {"id": IMAGES[0], "tag": "final"}, None, "monailabel-admin"),
+        ("put", "/datastore/label/info", {"label": IMAGES[0], "tag": "final"}, {"info": (None, "{}")}, "admin"),
+        ("post", "/train/segvol", {}, None, "monailabel-admin"),
+        ("post", "/segvol/pending/retry", {}, None, "monailabel-admin"),
+    ]
+    for method, path, params, files, role in checks:
+        for who in (annotator, nobody, odd):
+            r = requests.request(method, f"{srv.url}{path}", params=params, files=files, headers=who, timeout=30)
+            assert r.status_code == 403 and role in r.json()["detail"], (path, r.status_code, r.text)
+    r = requests.post(f"{srv.url}/activelearning/first", json={}, headers=nobody, timeout=30)
+    assert r.status_code == 403, r.text  # no role at all: not even an annotator
+    r = requests.post(f"{srv.url}/activelearning/first", json={"client_id": "root"}, headers=annotator, timeout=30)
+    assert r.status_code == 200 and r.json()["lease"]["client"] == "grace", r.text
+    r = requests.put(
+        f"{srv.url}/datastore/image", params={"image": "new1"}, files={"file": ("ct.nii", ct)}, headers=admin
+    )
+    assert r.status_code == 200 and (srv.studies / "new1.nii").exists(), r.text
+    r = requests.put(
+        f"{srv.url}/datastore/image", params={"image": "../new2"}, files={"file": ("ct.nii", ct)}, headers=admin
+    )
+    assert r.status_code == 400 and not (srv.studies.parent / "new2.nii").exists(), r.text
 
 
 def test_the_signed_in_user_is_the_client(realm, tmp_path):

@@ -5,6 +5,8 @@ MONAI Label server process, MONAILabelClient as 3D Slicer uses it."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import nibabel as nib
 import nrrd
@@ -14,12 +16,16 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from archive import Archive, dciodvfy_errors, dicomweb_server, foreign_seg
+from archive import Archive, dciodvfy_errors, dicomweb_server, foreign_seg, save_liver
 from conftest import ROOT
 
 pytestmark = pytest.mark.dicomweb
 RIGHT_LUNG = 84
+LIVER = 1
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 LUNG1_AFFINE = nib.load(str(ROOT / "sample-datastore" / "lung1.nii.gz")).affine  # labels go on the image's grid
 
 
@@ -31,7 +37,10 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(archive, tmp_path_factory):
-    with dicomweb_server(archive.url, tmp_path_factory.mktemp("monailabel"), zoom_in="false") as srv:
+    # the archive listed again every 2 s: a test can outlast the list while the archive is down
+    with dicomweb_server(
+        archive.url, tmp_path_factory.mktemp("monailabel"), zoom_in="false", archive_refresh_seconds="2"
+    ) as srv:
         yield srv
 
 
@@ -229,14 +238,26 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     client.infer("segvol", image_id, {"label_prompt": [62]})  # the annotator has the image open
     archive.stop()
     try:
-        with pytest.raises(MONAILabelClientException) as e:
-            client.save_label(
-                image_id,
-                str(tmp_path / "a.nii.gz"),
-                tag="final",
-                params={"label_info": [{"name": "trachea", "idx": 1}]},
-            )
+        time.sleep(2.5)  # down for longer than the server's list of series lasts (archive_refresh_seconds 2)
+        health: list[float] = []
+        saving = threading.Event()
+        poller = threading.Thread(target=_poll_health, args=(server.url, saving, health))
+        saving.set()
+        poller.start()
+        try:
+            with pytest.raises(MONAILabelClientException) as e:
+                client.save_label(
+                    image_id,
+                    str(tmp_path / "a.nii.gz"),
+                    tag="final",
+                    params={"label_info": [{"name": "trachea", "idx": 1}]},
+                )
+        finally:
+            saving.clear()
+            poller.join(30)
         assert "Status: 503" in str(e.value) and "kept in" in str(e.value)
+        # the save ran off the event loop: a load balancer's health check is answered throughout
+        assert len(health) >= 3 and max(health) < 0.2, health
         # annotation goes on meanwhile: the image is in the server's cache
         _, result = client.infer("segvol", image_id, {"label_prompt": [62]})
         assert result["label_names"] == {"left lung": 62}
@@ -255,6 +276,92 @@ def test_the_archive_going_away_loses_no_label(server, archive, tmp_path):
     assert [dciodvfy_errors(d) for d in segs[-2:]] == [[], []]
     labels = [sorted(s.SegmentLabel for s in d.SegmentSequence) for d in segs[-2:]]
     assert sorted(labels) == [["esophagus", "trachea"], ["trachea"]]
+
+
+def _poll_health(url: str, running: threading.Event, seconds: list[float]) -> None:
+    while running.is_set():
+        t0 = time.perf_counter()
+        assert requests.get(f"{url}/segvol/health", timeout=10).status_code == 200
+        seconds.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+
+
+def test_the_final_label_reads_back_and_an_unknown_seg_is_404(server, archive):
+    image = archive.series["lung1"]
+    label = np.zeros((512, 512, 48), np.uint8)
+    label[100:140, 120:170, 5:9] = 1
+    r = save_liver(server.url, image, label, "ada")
+    assert r.status_code == 200, r.text
+    r = requests.get(f"{server.url}/segvol/labels/voxels", params={"image": image}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = np.frombuffer(r.content, np.uint8).reshape(label.shape, order="F")
+    np.testing.assert_array_equal(got, label * LIVER)
+    for seg in ("1.2.3.4.5", "9" * 64):
+        r = requests.get(f"{server.url}/segvol/labels/voxels", params={"image": image, "seg": seg}, timeout=60)
+        assert r.status_code == 404 and "no SEG" in r.json()["detail"], r.text
+    r = requests.get(f"{server.url}/datastore/label", params={"label": image, "tag": "final"}, timeout=60)
+    assert r.status_code == 200 and len(r.content) > 0, r.text
+
+
+def test_a_seg_the_archive_refuses_is_set_aside_and_the_others_are_sent(server, archive):
+    """A queued SEG the archive answers 400 to (no SOP or series UID) must not block the ones
+    behind it: it is moved aside with the archive's reason, listed in status, and retried on
+    demand; the good one is stored."""
+    image = archive.series["lung1"]
+    pending = next(server.log.parent.rglob("pending-seg"))
+    bad = Dataset()
+    bad.file_meta = FileMetaDataset()
+    bad.file_meta.MediaStorageSOPClassUID = SEG_CLASS
+    bad.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    bad.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    bad.SOPClassUID, bad.Modality, bad.PatientID, bad.StudyInstanceUID = SEG_CLASS, "SEG", "x", generate_uid()
+    bad.is_little_endian, bad.is_implicit_VR = True, False
+    bad.save_as(str(pending / "0000-refused.dcm"), write_like_original=False)
+    label = np.zeros((512, 512, 48), np.uint8)
+    label[200:220, 200:230, 30:33] = 1
+    spleen = {"CodingSchemeDesignator": "SCT", "CodeValue": "78961009", "CodeMeaning": "Spleen"}
+    good = foreign_seg(archive.series_files("lung1"), label, [("spleen", spleen)])
+    good.save_as(str(pending / "0001-kept.dcm"))
+
+    label[:] = 0
+    label[10:20, 10:20, 1:3] = 1
+    assert save_liver(server.url, image, label, "ada").status_code == 200  # a save flushes the queue first
+    assert str(good.SeriesInstanceUID) in archive.segs_series()
+    state = requests.get(f"{server.url}/segvol/status", timeout=30).json()["pending_segs"]
+    assert state["waiting"] == 0 and [x["file"] for x in state["refused"]] == ["0000-refused.dcm"]
+    assert "HTTP 400" in state["refused"][0]["reason"], state
+    r = requests.post(f"{server.url}/segvol/pending/retry", timeout=60)
+    assert r.status_code == 200 and r.json()["sent"] == [] and len(r.json()["refused"]) == 1, r.text
+    assert "refused" in server.log.read_text()
+    for leftover in (pending / "refused").iterdir():
+        leftover.unlink()
+
+
+def test_names_in_any_script_give_valid_segs_and_are_kept_as_typed(server, archive):
+    image = archive.series["lung1"]
+    label = np.zeros((512, 512, 48), np.uint8)
+    label[50:60, 50:60, 1:3] = 1
+    label[70:80, 70:80, 1:3] = 2
+    for client, name in [("Zoë Ōtsuka 李雷", "liver"), ("A^B^C^D^E^F^G", "lesion\\1 \x1b[31m")]:
+        r = requests.put(
+            f"{server.url}/datastore/label",
+            params={"image": image, "tag": "final"},
+            files={
+                "params": (
+                    None,
+                    json.dumps({"client_id": client, "label_info": [{"name": "liver"}, {"name": name}]}),
+                ),
+                "label": ("label.bin", label.tobytes(order="F")),
+            },
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        seg = [d for d in archive.segs(image) if str(d.SeriesInstanceUID) == r.json()["SeriesInstanceUID"]][0]
+        assert dciodvfy_errors(seg) == []
+        history = requests.get(f"{server.url}/segvol/labels", params={"image": image}, timeout=60).json()
+        assert history[0]["client"] == client  # the team store keeps the name as typed
+    assert str(seg.ContentCreatorName) == "A^B^C^D^E F G"
+    assert {s.SegmentLabel for s in seg.SegmentSequence} == {"liver", "lesion/1 [31m"}
 
 
 def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_path):

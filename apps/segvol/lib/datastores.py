@@ -492,14 +492,14 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
         if not SERIES_UID.match(image_id or ""):
             raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
         try:
-            uri = super().get_image_uri(image_id)
+            uri = super(SegVolLabels, self).get_image_uri(image_id)  # MONAI Label's, before the path check
         except requests.RequestException as e:
             raise self._archive_down(e) from e
         cached = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         if self._convert_to_nifti and uri != cached and os.path.exists(cached):
             os.unlink(uri)
-            return cached
-        return uri
+            uri = cached
+        return self._inside(uri)
 
     def release(self, image_id: str) -> None:
         """Delete the image's downloaded series and its NIfTI from the cache: pre-annotation reads

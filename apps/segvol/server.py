@@ -207,6 +207,22 @@ def _bounded(params: object, what: str = "params") -> None:
     _checked(check_sizes, params, what)
 
 
+@app.get("/info/", summary="The app: tasks, labels, datastore counts, model version")
+def info(user: Reader) -> dict:
+    """MONAI Label's, off the event loop: counting the datastore may ask the archive."""
+    return app_instance().info()
+
+
+@app.get("/logs/", summary="The server's log (MONAI Label's view of it)", include_in_schema=False)
+def logs(user: Manager, lines: int = 300, html: bool = True, text: bool = False, refresh: int = 0) -> Response:
+    """MONAI Label's, off the event loop (it reads the whole file), with its numbers bounded."""
+    from monailabel.endpoints.logs import get_logs
+
+    if not 0 <= lines <= 100_000 or not 0 <= refresh <= 3600:
+        raise HTTPException(status_code=400, detail="lines must be 0 to 100000 and refresh 0 to 3600 seconds")
+    return get_logs(os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log"), lines, html, text, refresh)
+
+
 @app.get("/ohif/app-config.js", include_in_schema=False)
 def ohif_config() -> Response:
     """OHIF's configuration, plus the SegVol mode (static/segvol-mode.js)."""
@@ -375,7 +391,7 @@ def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
 
 # ahead of MONAI Label's own routes (the same paths and methods, which answer no more; and the
 # /ohif/{path} catch-all)
-OVERRIDES = (ohif_config, next_image, infer, train_model, train_all, batch, *datastore_routes.ROUTES)
+OVERRIDES = (info, logs, ohif_config, next_image, infer, train_model, train_all, batch, *datastore_routes.ROUTES)
 ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in OVERRIDES]
 app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
 

@@ -62,7 +62,10 @@ class Server:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             try:
                 info = requests.get(f"{self.url}/info/", headers=self.headers, timeout=5).json()
-                if info.get("model_version") != "not loaded" or info.get("error"):
+                if info.get("error"):
+                    return info
+                # the version is named before the predictor is built: health says when it is
+                if requests.get(f"{self.url}/segvol/health", timeout=5).status_code == 200:
                     return info
             except requests.RequestException:
                 pass

@@ -79,6 +79,9 @@ def signed_in(realm, tmp_path_factory):
         ("x" * 300, {}, "preferred_username"),
         (["ada"], {}, "preferred_username"),
         (7, {}, "preferred_username"),
+        ("bob\u3000", {}, "preferred_username"),
+        ("\u200bbob", {}, "preferred_username"),
+        ("ada", {"azp": "another-app"}, "another-app"),
         ("ada", {"exp": None}, "exp"),
         ("ada", {"exp": int(time.time()) - 60}, "expired"),
     ],
@@ -96,6 +99,17 @@ def test_a_token_without_a_usable_user_acts_as_nobody(signed_in, user, claims, w
         assert r.status_code == 401 and why in r.json()["detail"], (user, claims, path, r.status_code, r.text)
     after = requests.get(f"{srv.url}/segvol/status", headers=_token(key, "ada"), timeout=30).json()
     assert after["lease"] == before["lease"]
+
+
+def test_a_large_body_without_a_token_is_refused_before_it_is_read(signed_in):
+    srv, _ = signed_in
+    r = requests.put(
+        f"{srv.url}/datastore/label",
+        params={"image": IMAGES[0], "tag": "final"},
+        files={"label": ("label.bin", b"\0" * (5 << 20))},
+        timeout=60,
+    )
+    assert r.status_code == 401 and "bearer" in r.json()["detail"], r.text
 
 
 def test_a_token_signed_by_another_key_is_401(signed_in):
@@ -128,6 +142,8 @@ def test_roles_decide_who_changes_the_datastore_and_starts_rounds(signed_in):
     assert r.status_code == 403, r.text  # no role at all: not even an annotator
     r = requests.post(f"{srv.url}/activelearning/first", json={"client_id": "root"}, headers=annotator, timeout=30)
     assert r.status_code == 200 and r.json()["lease"]["client"] == "grace", r.text
+    index = json.loads((srv.studies / "datastore_v2.json").read_text())  # MONAI Label records who asked
+    assert index["objects"][r.json()["id"]]["image"]["info"]["strategy"]["first"]["client_id"] == "grace"
     r = requests.put(
         f"{srv.url}/datastore/image", params={"image": "new1"}, files={"file": ("ct.nii", ct)}, headers=admin
     )

@@ -286,6 +286,18 @@ def _poll_health(url: str, running: threading.Event, seconds: list[float]) -> No
         time.sleep(0.05)
 
 
+def test_ohif_reads_the_archive_through_the_proxy_and_only_reads(server, archive):
+    series = archive.series["lung1"]
+    study = archive.study_of(series)
+    r = requests.get(f"{server.url}/proxy/dicom/qido/studies", timeout=60)
+    assert r.status_code == 200 and study in r.text, r.text[:300]
+    r = requests.get(f"{server.url}/proxy/dicom/wado/studies/{study}/series/{series}/metadata", timeout=60)
+    assert r.status_code == 200 and len(r.json()) == 48 and "json" in r.headers["content-type"]
+    for method, path in [("post", "stow/studies"), ("get", "studies/../../tools/find"), ("get", "system")]:
+        r = requests.request(method, f"{server.url}/proxy/dicom/{path}", timeout=60)
+        assert r.status_code in (400, 404) and "detail" in r.json(), (path, r.text)
+
+
 def test_the_final_label_reads_back_and_an_unknown_seg_is_404(server, archive):
     image = archive.series["lung1"]
     label = np.zeros((512, 512, 48), np.uint8)

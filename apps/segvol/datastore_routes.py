@@ -21,7 +21,7 @@ from typing import Annotated
 
 import requests
 from fastapi import Depends, File, Form, HTTPException, Security, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints import datastore as monai_datastore
@@ -164,11 +164,6 @@ def label_info(label: str, tag: str, user: Reader) -> dict:
     return app_instance().datastore().get_label_info(known_image(label), _tag(tag))
 
 
-@app.get("/datastore/dataset", summary="The whole dataset as a ZIP archive (admin)")
-def download_dataset(user: Manager, limit_cases: int | None = None) -> Response:
-    return monai_datastore.download_dataset(limit_cases)
-
-
 # ------------------------------------------------------------------ labels
 @app.put("/datastore/label", summary="Save a label (checked, stored in the app's convention)")
 def save_label(
@@ -257,7 +252,7 @@ def put_image_info(image: str, user: Changer, info: Annotated[str, Form()] = "{}
 
 
 # ------------------------------------------------------------------ the archive, read-only, for OHIF
-def _archive_get(prefix: str, path: str) -> Response:
+def _archive_get(prefix: str | None, path: str) -> Response:
     """A GET on the archive's DICOMweb service (what OHIF's study list and viewer read). Only
     plain relative paths of DICOMweb resources; writing to the archive goes through label saves."""
     parts = path.split("/")
@@ -266,13 +261,22 @@ def _archive_get(prefix: str, path: str) -> Response:
     if not settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")):
         raise HTTPException(status_code=404, detail="the datastore is a folder, not a DICOMweb archive")
     user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
-    base = "/".join(x.strip("/") for x in (settings.MONAI_LABEL_STUDIES, prefix) if x.strip("/"))
+    base = "/".join(x.strip("/") for x in (settings.MONAI_LABEL_STUDIES, prefix or "") if x.strip("/"))
     try:
-        answer = requests.get(f"{base}/{path}", auth=(user, password) if user and password else None, timeout=60)
+        answer = requests.get(
+            f"{base}/{path}", auth=(user, password) if user and password else None, timeout=(10, 60), stream=True
+        )
     except requests.RequestException as e:
         raise HTTPException(status_code=503, detail=f"the DICOMweb archive does not answer ({e})") from e
     keep = {k: v for k, v in answer.headers.items() if k.lower() in ("content-type", "etag", "last-modified")}
-    return Response(content=answer.content, status_code=answer.status_code, headers=keep)
+
+    def body():  # streamed: a whole series never sits in the server's memory
+        try:
+            yield from answer.iter_content(1 << 20)
+        finally:
+            answer.close()
+
+    return StreamingResponse(body(), status_code=answer.status_code, headers=keep)
 
 
 @app.get("/proxy/dicom/wado/{path:path}", include_in_schema=False)
@@ -296,6 +300,12 @@ RETIRED = {
     "/model/{model}": (["PUT", "DELETE"], "weights come from --conf weights, new versions from rounds"),
     "/session/": (["PUT"], "the tasks segment the datastore's images only"),
     "/session/{session_id}": (["GET", "DELETE"], "the tasks segment the datastore's images only"),
+    "/infer/wsi/{model}": (["POST"], "SegVol segments CT volumes of the datastore through /infer/{model}"),
+    "/infer/wsi_v2/{model}": (["POST"], "SegVol segments CT volumes of the datastore through /infer/{model}"),
+    "/scoring/": (["GET", "POST", "DELETE"], "the app has no scoring methods (the uncertainty strategy scores)"),
+    "/scoring/{method}": (["POST"], "the app has no scoring methods (the uncertainty strategy scores)"),
+    "/reload": (["POST"], "the app is built once per process; restart the server to reload it"),
+    "/datastore/dataset": (["GET"], "export labels from the archive or the datastore folder itself"),
 }
 
 
@@ -317,7 +327,6 @@ ROUTES = (
     image_info,
     download_label,
     label_info,
-    download_dataset,
     save_label,
     remove_label,
     put_label_info,

@@ -78,13 +78,7 @@ class SegVolApp(MONAILabelApp):
             client = client_of(request)
         except IdentityError as e:
             raise HTTPException(status_code=e.status, detail=str(e)) from e
-        labels = request.get("labels")
-        if labels is not None and not (
-            isinstance(labels, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS for n in labels)
-        ):
-            raise HTTPException(
-                status_code=400, detail=f"labels must be a list of category names of 1 to {MAX_NAME_CHARS} characters"
-            )
+        self._check_labels(request.get("labels"))
         name = request.get("strategy") or "uncertainty"
         strategy = self._strategies.get(name)
         if strategy is None:
@@ -103,6 +97,18 @@ class SegVolApp(MONAILabelApp):
         else:
             log.info("next image for %s: %s, leased until %s", client, result["id"], result["lease"]["until"])
         return result
+
+    def _check_labels(self, labels: object) -> None:
+        """A Next image request's ``labels``: category names only (each is model work per image)."""
+        if labels is None:
+            return
+        names_ok = isinstance(labels, list) and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_CHARS for n in labels)
+        if not names_ok:
+            detail = f"labels must be a list of category names of 1 to {MAX_NAME_CHARS} characters"
+            raise HTTPException(status_code=400, detail=detail)
+        unknown = [n for n in labels if self.service.vocabulary.resolve(n).category is None]
+        if unknown:
+            raise HTTPException(status_code=400, detail=f"labels {unknown[:5]} are not SegVol categories (see /info)")
 
     def readable(self, image_id: str) -> bool:
         """Whether the image can be read (a folder's file may be truncated or not a volume); one

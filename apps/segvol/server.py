@@ -19,10 +19,13 @@ import jwt
 import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
+import requests
 from datastore_routes import Annotator, Manager, Reader, known_image
-from fastapi import BackgroundTasks, File, Form, HTTPException, Request, UploadFile
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints import batch_infer, train
@@ -81,12 +84,17 @@ def from_token(token: str) -> User:
     except jwt.InvalidTokenError as e:
         raise HTTPException(status_code=401, detail=f"the token is not valid: {e}") from e
     claim = settings.MONAI_LABEL_AUTH_TOKEN_USERNAME
-    username = usable_name(claims.get(claim))
+    username = usable_name(claims.get(claim), strip=False)
     if username is None:
         raise HTTPException(
             status_code=401,
             detail=f"the token's user name claim {claim!r} is missing, empty or not a printable name "
-            "(1 to 128 characters, no backslash or '='): it cannot identify anyone",
+            "(1 to 128 characters, no backslash or '=', no surrounding space): it cannot identify anyone",
+        )
+    client = settings.MONAI_LABEL_AUTH_CLIENT_ID
+    if client and claims.get("azp") not in (None, client):
+        raise HTTPException(
+            status_code=401, detail=f"the token was issued to client {claims['azp']!r}, not to {client!r}"
         )
     roles = claims
     for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
@@ -123,33 +131,48 @@ async def identify(request: Request, call_next):
 
 class BodyLimit:
     """Refuses a request body past its bound with 413 while it arrives, before anything parses
-    or spools it: uploads (multipart) up to ``--conf max_upload_mb`` and a little form overhead,
-    anything else (JSON parameters) up to 1 MB."""
+    or spools it. The bound is the route's, never the client's say: the label and image uploads
+    may carry ``--conf max_upload_mb`` and a little form overhead, every other request 1 MB. With
+    authentication on, a body past 1 MB needs a valid bearer token before it is read."""
 
-    FORM_OVERHEAD = 1 << 20
-    OTHER = 1 << 20
+    SMALL = 1 << 20
+    UPLOADS = {("PUT", "/datastore/label"), ("PUT", "/datastore/image"), ("PUT", "/datastore/")}
 
     def __init__(self, app) -> None:
         self.app = app
 
     def limit(self, scope) -> int:
-        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
-        if not content_type.startswith(b"multipart/"):
-            return self.OTHER
+        if (scope["method"], scope["path"]) not in self.UPLOADS:
+            return self.SMALL
         try:
-            return app_instance().service.settings.max_upload_bytes + self.FORM_OVERHEAD
-        except Exception:  # before the app is built: MONAI Label's default
-            return 1024 * 2**20 + self.FORM_OVERHEAD
+            return app_instance().service.settings.max_upload_bytes + self.SMALL
+        except Exception:  # before the app is built: the default bound
+            return 1024 * 2**20 + self.SMALL
+
+    @staticmethod
+    async def refuse(scope, receive, send, status: int, detail: str) -> None:
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = scope.get("headers") or []
+        if sum(1 for k, _ in headers if k == b"content-type") > 1:
+            return await self.refuse(scope, receive, send, 400, "more than one Content-Type header")
         limit = self.limit(scope)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_large = HTTPException(status_code=413, detail=f"the request body is over {limit / 2**20:g} MB")
+        declared = dict(headers).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = JSONResponse({"detail": too_large.detail}, status_code=413)
-            return await response(scope, receive, send)
+            return await self.refuse(scope, receive, send, 413, f"the request body is over {limit / 2**20:g} MB")
+        big = int(declared) > self.SMALL if declared and declared.isdigit() else b"transfer-encoding" in dict(headers)
+        if settings.MONAI_LABEL_AUTH_ENABLE and big:
+            bearer = dict(headers).get(b"authorization", b"").decode("latin-1")
+            try:
+                if not bearer.lower().startswith("bearer "):
+                    raise HTTPException(status_code=401, detail="a body over 1 MB needs a bearer token")
+                await run_in_threadpool(from_token, bearer[7:].strip())
+            except HTTPException as e:
+                return await self.refuse(scope, receive, send, e.status_code, str(e.detail))
+        too_large = HTTPException(status_code=413, detail=f"the request body is over {limit / 2**20:g} MB")
         seen = 0
 
         async def bounded():
@@ -229,12 +252,50 @@ def ohif_config() -> Response:
     return Response(OHIF_CONFIG.read_text() + "\n" + SEGVOL_MODE.read_text(), media_type="application/javascript")
 
 
+@app.get("/ohif/{path:path}", include_in_schema=False)
+def ohif_file(path: str, user: Reader) -> FileResponse:
+    """OHIF's files (MONAI Label's bundle); any other path is the page itself (OHIF routes in the
+    browser). A path is proven inside the bundle's folder (MONAI Label's answered 500 to '..')."""
+    from lib.paths import PathError, inside
+
+    folder = OHIF_CONFIG.parent
+    try:
+        file = inside(folder, path) if path else folder / "index.html"
+    except PathError:
+        file = folder / "index.html"
+    return FileResponse(file if file.is_file() else folder / "index.html")
+
+
+@app.post("/auth/token", include_in_schema=False)
+def access_token(form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> dict:
+    """MONAI Label's sign-in with a user name and password (Slicer's), off the event loop; the
+    realm refusing them is a 401, the realm not answering a 503."""
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        return {"access_token": None, "token_type": None}
+    data = {
+        "client_id": settings.MONAI_LABEL_AUTH_CLIENT_ID,
+        "username": form.username,
+        "password": form.password,
+        "grant_type": "password",
+    }
+    try:
+        answer = requests.post(auth.token_uri(), data=data, timeout=30)
+    except requests.RequestException as e:
+        raise HTTPException(status_code=503, detail=f"the sign-in realm does not answer ({e})") from e
+    if answer.status_code in (400, 401, 403):
+        raise HTTPException(status_code=401, detail="the realm refused this user name and password")
+    if not answer.ok:
+        raise HTTPException(status_code=502, detail=f"the sign-in realm answered HTTP {answer.status_code}")
+    return answer.json()
+
+
 @app.post("/activelearning/{strategy}", summary="Next image for this client, leased to it")
 def next_image(strategy: str, user: Annotator, params: dict | None = None) -> dict:
     """MONAI Label's next sample, run off the event loop (a strategy may encode images), through
     the app's leases; when nothing is left, a message that says so."""
     _bounded(params)
-    return sample(strategy, params, user.username) or {"message": NOTHING_LEFT}
+    asked = dict(params or {}, client_id=_client((params or {}).get("client_id")))  # what MONAI Label records
+    return sample(strategy, asked, user.username) or {"message": NOTHING_LEFT}
 
 
 @app.post("/infer/{model}", summary="Run inference (params: a JSON object)")
@@ -260,7 +321,7 @@ def infer(
     asked = _checked(params_object, params)
     _bounded(asked)
     refused = [k for k, v in (("file", file), ("label", label), ("session_id", session_id)) if v]
-    refused += sorted(k for k in asked if k in ("image", "image_id", "model", "session"))
+    refused += sorted(k for k in asked if k in ("image", "image_id", "model", "session", "save_label", "label_tag"))
     if refused:
         raise HTTPException(
             status_code=400,
@@ -307,7 +368,7 @@ def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "
     return batch_infer.run(model, images, params)
 
 
-def _client(client_id: str | None) -> str:
+def _client(client_id: object) -> str:
     from lib.identity import IdentityError, client_of
 
     try:
@@ -391,7 +452,8 @@ def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
 
 # ahead of MONAI Label's own routes (the same paths and methods, which answer no more; and the
 # /ohif/{path} catch-all)
-OVERRIDES = (info, logs, ohif_config, next_image, infer, train_model, train_all, batch, *datastore_routes.ROUTES)
+OVERRIDES = (info, logs, ohif_config, ohif_file, access_token, next_image, infer, train_model, train_all, batch)
+OVERRIDES += datastore_routes.ROUTES
 ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in OVERRIDES]
 app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
 

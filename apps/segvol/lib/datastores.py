@@ -271,23 +271,39 @@ class SegVolLabels:
             self._datastore.base_path = self._datastore_path
             self._config_ts = ts
 
+    def _merge_into_file_version(self) -> None:
+        mine = self._datastore.objects
+        with open(self._datastore_config_path) as f:
+            on_disk = LocalDatastoreModel.model_validate_json(f.read())
+        on_disk.base_path = self._datastore_path
+        added = [
+            image_id
+            for image_id, obj in mine.items()
+            if image_id not in on_disk.objects
+            and os.path.exists(os.path.join(on_disk.image_path(), self._filename(image_id, obj.image.ext)))
+        ]
+        for image_id in added:
+            on_disk.objects[image_id] = mine[image_id]
+        log.info("datastore index changed on disk meanwhile: kept its version, added %d new image(s)", len(added))
+        self._datastore = on_disk
+
     def release(self, image_id: str) -> None:
         """Free what reading the image kept on this machine (nothing here: the image is the folder's)."""
 
     def _update_datastore_file(self, lock: bool = True) -> None:
-        """The datastore index, replaced atomically (MONAI Label rewrites it in place); refused
-        when the file changed since this process read it (its copy is stale)."""
+        """The datastore index, replaced atomically (MONAI Label rewrites it in place). Called
+        holding the index lock. When the file changed since this process read it (MONAI Label's
+        own steps, such as adding a series just downloaded, change the copy in memory without
+        reading the file first), the file's version is kept and only the images this process
+        added (whose files exist) are added to it: a stale copy is never written back."""
 
         def write() -> None:
             try:
-                on_disk = _signature(self._datastore_config_path)
+                stale = _signature(self._datastore_config_path) != self._config_ts
             except FileNotFoundError:
-                on_disk = self._config_ts
-            if on_disk != self._config_ts:
-                raise RuntimeError(
-                    f"the datastore index {self._datastore_config_path} changed since this process read it; "
-                    "not overwritten with a stale copy"
-                )
+                stale = False
+            if stale:
+                self._merge_into_file_version()
             self._ignore_event_config = True
             tmp = f"{self._datastore_config_path}.{os.getpid()}.{uuid.uuid4().hex}.partial"
             with open(tmp, "w") as f:

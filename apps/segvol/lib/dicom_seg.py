@@ -140,7 +140,10 @@ def write_seg(
     # frames in the datasets' order (slice k), rows = j, columns = i; one plane per segment
     description = f"{DRAFT_PREFIX}SegVol {model_version}" if draft else f"SegVol {model_version} by {creator}"
     description = long_string(description, f"SegVol {model_version}")
-    frames = np.stack([(label_ijk == s.value).transpose(2, 1, 0) for s in present], axis=-1)
+    frames = np.empty((label_ijk.shape[2], label_ijk.shape[1], label_ijk.shape[0], len(present)), bool)
+    for k in range(label_ijk.shape[2]):  # slice by slice: one long copy would hold the GIL (the server's loop)
+        for n, s in enumerate(present):
+            frames[k, :, :, n] = (label_ijk[:, :, k] == s.value).T
     seg = hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=frames,

@@ -30,11 +30,17 @@ class NotSignedIn(IdentityError):
     status = 401
 
 
-def usable_name(value: object) -> str | None:
-    """``value`` as an identity (stripped), or None when it cannot be one."""
-    if not isinstance(value, str) or not CLIENT.match(value.strip()):
+def usable_name(value: object, strip: bool = True) -> str | None:
+    """``value`` as an identity, or None when it cannot be one: 1 to 128 printable characters
+    (``str.isprintable``: no control, format, surrogate or separator characters but the space),
+    no backslash or '='. A token's name must be so exactly (``strip`` False): "bob" and
+    "bob\u3000" are never one person."""
+    if not isinstance(value, str):
         return None
-    return value.strip()
+    name = value.strip() if strip else value
+    if not CLIENT.match(name) or not name.isprintable() or name != name.strip():
+        return None
+    return name
 
 
 def client_of(params: dict | None) -> str:

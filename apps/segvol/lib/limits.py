@@ -42,6 +42,10 @@ def check_sizes(value: object, what: str = "params", depth: int = 0) -> None:
     if isinstance(value, str):
         if len(value) > MAX_CHARS:
             raise RequestError(f"{what} is a string of {len(value)} characters; at most {MAX_CHARS}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: no file, database or DICOM value can hold it
+            raise RequestError(f"{what} is not valid Unicode text ({e.reason} at {e.start})") from e
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, int | float):

@@ -19,7 +19,12 @@ def params_object(text: str | None, what: str = "params") -> dict:
     """A form field that must hold a JSON object ({} when empty)."""
     if not text:
         return {}
-    value = json.loads(text)  # malformed JSON: the app's handler answers 400
+    try:
+        value = json.loads(text)  # malformed JSON: the app's handler answers 400
+    except (RecursionError, ValueError) as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise
+        raise RequestError(f"{what} cannot be read: {type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(value, dict):
         raise RequestError(f"{what} must be a JSON object, got {type(value).__name__ if value is not None else 'null'}")
     return value

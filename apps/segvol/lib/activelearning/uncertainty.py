@@ -41,8 +41,8 @@ class Uncertainty(Strategy):
     def categories(self, request: dict, datastore) -> list[str]:
         vocab = self.service.vocabulary
         asked = request.get("labels")
-        if isinstance(asked, list) and asked:
-            return [vocab.resolve(str(n)).name for n in asked]
+        if isinstance(asked, list) and asked:  # categories (main.next_sample refuses other names), as a set
+            return sorted({vocab.resolve(str(n)).category.name for n in asked})
         names = sorted(
             {
                 s["name"]

@@ -429,6 +429,12 @@ class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
     def __init__(self, service, *args, refresh_seconds: float = 60, **kwargs) -> None:
         self.service = service
         super().__init__(*args, **kwargs)
+        # MONAI Label watches the whole cache for file events (every downloaded slice, every SEG
+        # written): the archive is the source here and the index is read again when it changes
+        # (_fresh), so the watcher only spends the server's time (and its GIL) on pattern matching
+        observer = getattr(self, "_observer", None)
+        if observer is not None:
+            observer.stop()
         # one retry policy, ours (RETRIES tries, short back-off): the client's own would hold a
         # request for about 30 s per call while the archive is down
         self._client.set_http_retry_params(retry=False)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
+import highdicom._iods  # noqa: F401 - highdicom imports these two tables (~0.4 s holding the GIL, the
+import highdicom._modules  # noqa: F401 - server's event loop stalls) on its first SEG: at start-up instead
 import numpy as np
 import pydicom
 import pydicom_seg

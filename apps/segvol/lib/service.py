@@ -8,6 +8,7 @@ at a time.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -108,6 +109,11 @@ class SegVolService:
                 precision=s.precision,
             )
             self.sync_version()
+            # the model, the app and the libraries are some million objects that live as long as the
+            # process: out of the collector's sight, a full collection (which holds the GIL, so the
+            # event loop and /segvol/health wait) takes milliseconds, not a few tenths of a second
+            gc.collect()
+            gc.freeze()
             log.info("SegVol %s ready on %s in %.1f s", self.version, self.predictor.device, time.perf_counter() - t0)
             if self.warning:
                 log.warning("!" * 20 + " %s " + "!" * 20, self.warning)

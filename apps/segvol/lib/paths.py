@@ -38,7 +38,10 @@ def tag(value: object) -> str:
 def inside(root: str | Path, path: str | Path) -> Path:
     """``path`` resolved, proven to lie inside ``root`` (resolved too)."""
     base = Path(root).resolve()
-    resolved = (base / path).resolve()
+    try:
+        resolved = (base / path).resolve()
+    except (OSError, ValueError) as e:  # a NUL byte, a name the system cannot take, a link loop
+        raise PathError(f"{str(path)!r} is not a usable path: {e}") from e
     if resolved != base and base not in resolved.parents:
         raise PathError(f"{str(path)!r} resolves outside {base}")
     return resolved

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import phantom
 from lib.labels import LabelError, read_upload
-from lib.uploads import UploadError, UploadTooLarge, check_dicom_file, check_image, read_label
+from lib.uploads import UploadError, UploadTooLarge, check_image, read_label
 from segvol.io import read_volume
 
 SHAPE = (48, 40, 12)
@@ -209,8 +209,6 @@ def test_an_upload_larger_than_the_bound_is_too_large(tmp_path, image, label):
         assert "--conf max_upload_mb" in str(e.value)
     with pytest.raises(UploadTooLarge):
         read_upload(path, image, max_bytes=size - 1)
-    with pytest.raises(UploadTooLarge):
-        check_dicom_file(path, 10)
     assert read_label(path, image, size).array.shape == SHAPE
 
 
@@ -422,15 +420,3 @@ def test_read_upload_keeps_its_label_checks_and_lets_upload_errors_through(tmp_p
 
 
 # --- DICOM Part 10 files of a session upload -------------------------------------------------------------
-
-
-def test_check_dicom_file(tmp_path):
-    good = tmp_path / "a.dcm"
-    good.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 200)
-    check_dicom_file(good, GiB)
-    for content in (b"", b"\0" * 128 + b"DICX" + b"\x02\x00", b"\0" * 132, b"DICM" * 40):
-        (tmp_path / "b.dcm").write_bytes(content)
-        with pytest.raises(UploadError, match="not a DICOM Part 10 file"):
-            check_dicom_file(tmp_path / "b.dcm", GiB)
-    with pytest.raises(UploadTooLarge):
-        check_dicom_file(good, 100)

@@ -70,9 +70,3 @@ def check_sizes(value: object, what: str = "params", depth: int = 0) -> None:
 def _count(item: list | str) -> int:
     """Items of a list, or of a comma-separated string of names (``texts`` may be one)."""
     return len(item) if isinstance(item, list) else len([t for t in item.split(",") if t.strip()])
-
-
-def check_name(name: str, what: str) -> str:
-    if len(name) > MAX_NAME_CHARS:
-        raise RequestError(f"{what} {name[:40]!r}... is {len(name)} characters; at most {MAX_NAME_CHARS}")
-    return name

@@ -455,13 +455,3 @@ def check_image(path: str | Path, max_bytes: int) -> str:
         _check_data_size(layout, max_bytes)
         _read_data(layout, stream, keep=False)
     return layout.ext
-
-
-def check_dicom_file(path: str | Path, max_bytes: int) -> None:
-    """One file of an uploaded DICOM series: a DICOM Part 10 file (128-byte preamble, "DICM",
-    then the explicit-VR file meta group 0002) within ``max_bytes``."""
-    f, size = _open(path, max_bytes)
-    with f:
-        head = f.read(134)
-    if len(head) < 134 or head[128:132] != b"DICM" or head[132:134] != b"\x02\x00":
-        raise UploadError('not a DICOM Part 10 file (no "DICM" and file meta group after the 128-byte preamble)')

@@ -291,7 +291,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_bench_round(a: argparse.Namespace) -> int:
     from segvol.bench import build_model
-    from segvol.bench_round import run
+    from segvol.training.bench_round import run
 
     model, what = build_model(a.weights, a.config)
     log.info("round bench with %s", what)
@@ -328,7 +328,7 @@ def cmd_categories(a: argparse.Namespace) -> int:
 
 
 def cmd_versions(a: argparse.Namespace) -> int:
-    from segvol.versions import BASE, VersionError, VersionStore
+    from segvol.training.versions import BASE, VersionError, VersionStore
 
     if not a.dir.is_dir():
         raise VersionError(f"no versions folder {a.dir} (give the server's --conf versions_dir with --dir)")
@@ -372,7 +372,7 @@ def cmd_versions(a: argparse.Namespace) -> int:
 
 def cmd_preannotate(a: argparse.Namespace) -> int:
     sys.path.insert(0, str(APP_DIR))  # the app's lib: its datastores, SEG writer and model service
-    from lib.preannotate import FAILED, Job, PreannotateError, resolve_categories, run
+    from lib.serving.preannotate import FAILED, Job, PreannotateError, resolve_categories, run
     from lib.settings import ConfError
     from segvol.weights import find_or_download
 

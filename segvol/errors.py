@@ -3,7 +3,7 @@
 from segvol.io import ImageReadError
 from segvol.preprocess import ImageError
 from segvol.prompts import PromptError
-from segvol.versions import VersionError
+from segvol.training.versions import VersionError
 from segvol.weights import WeightsError
 
 USER_ERRORS = (ImageReadError, ImageError, PromptError, WeightsError, VersionError)

@@ -152,7 +152,7 @@ def test_new_labels_are_counted_with_qido_alone(stack, tmp_path):
     from monailabel.datastore.dicom import DICOMwebClientX
 
     from lib.datastores import SegVolDICOMWebDatastore
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
 
     archive, _, _ = stack

@@ -1,4 +1,4 @@
-"""Client strings become valid DICOM values (lib.dicom_text), and the SEGs written with them pass
+"""Client strings become valid DICOM values (lib.archive.dicom_text), and the SEGs written with them pass
 dciodvfy and read back as exactly those values (issue 19: SEGs a validator rejects were stored)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 
 from archive import dciodvfy_errors
 from conftest import ROOT
-from lib.dicom_seg import Segment, read_seg, write_seg
-from lib.dicom_text import character_set, long_string, person_name
+from lib.archive.dicom_text import character_set, long_string, person_name
+from lib.archive.seg import Segment, read_seg, write_seg
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from dicom_series import write_series  # noqa: E402
@@ -69,9 +69,9 @@ def test_person_name(client, expected):
 
 
 def test_person_name_is_no_longer_in_identity():
-    import lib.identity
+    import lib.team.identity
 
-    assert not hasattr(lib.identity, "person_name")
+    assert not hasattr(lib.team.identity, "person_name")
 
 
 # long_string

@@ -111,7 +111,7 @@ def test_a_slicer_session_ends_with_a_seg_in_the_archive(tmp_path):
         assert dciodvfy_errors(seg) == []  # the standard's validator accepts it
 
         # read back onto the image grid: the same voxels, in the app's values
-        from lib.dicom_seg import read_seg
+        from lib.archive.seg import read_seg
         from segvol.vocabulary import default_vocabulary
 
         seg.save_as(str(tmp_path / "seg.dcm"))

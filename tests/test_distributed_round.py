@@ -56,7 +56,7 @@ def app_of(tmp_path, monkeypatch):
 
 
 def test_a_round_in_two_processes_writes_the_one_process_version(app_of):
-    from lib.trainers.progress import RoundProgress
+    from lib.rounds.progress import RoundProgress
 
     one = app_of("one")
     threads = torch.get_num_threads()
@@ -96,7 +96,7 @@ def test_a_round_in_two_processes_writes_the_one_process_version(app_of):
 
 
 def test_a_batch_the_processes_cannot_share_is_refused_before_anything_starts(app_of):
-    from lib.validation import RequestError
+    from lib.serving.validation import RequestError
 
     app = app_of("odd", train_processes="2")
     trainer = app._trainers["segvol"]

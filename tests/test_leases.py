@@ -7,9 +7,9 @@ import threading
 import numpy as np
 from monailabel.tasks.activelearning.first import First
 
-from lib.leases import Leases
-from lib.provenance import AUTOMATIC, MANUAL, SEMIAUTOMATIC, Provenance
-from lib.store import TeamStore
+from lib.team.leases import Leases
+from lib.team.provenance import AUTOMATIC, MANUAL, SEMIAUTOMATIC, Provenance
+from lib.team.store import TeamStore
 
 
 class Clock:

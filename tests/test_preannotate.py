@@ -162,9 +162,9 @@ def test_a_draft_is_not_a_final_label_for_rounds_nor_for_the_next_image(runs, tm
     from dicomweb_client.session_utils import create_session_from_user_pass
     from monailabel.datastore.dicom import DICOMwebClientX
 
+    from lib.archive.seg import Segment, write_seg
     from lib.datastores import SegVolDICOMWebDatastore
-    from lib.dicom_seg import Segment, write_seg
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
     from segvol.vocabulary import default_vocabulary
 
@@ -198,8 +198,8 @@ def test_a_draft_is_not_a_final_label_for_rounds_nor_for_the_next_image(runs, tm
 
 def test_a_draft_in_a_folder_is_the_original_label_never_the_final_one(tmp_path):
     from lib.datastores import SegVolLocalDatastore
-    from lib.labels import LabelPart
-    from lib.service import SegVolService
+    from lib.labels.checks import LabelPart
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
     from segvol.vocabulary import default_vocabulary
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.service import SegVolService
+from lib.serving.host import SegVolService
 from lib.settings import AppSettings, ConfError
 
 CONF = {"weights": "seeded", "model_config": "segvol-tiny", "device": "cpu"}

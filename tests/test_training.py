@@ -46,7 +46,7 @@ def write_phantoms(folder: Path, n: int, labelled: bool = True) -> list[str]:
 def app_parts(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
     from lib.trainers.decoder import SegVolDecoderTrainer
 
@@ -104,7 +104,7 @@ def test_the_gate_rejects_a_round_made_worse_and_the_served_weights_stay_bit_ide
 
 
 def test_a_damaged_version_is_refused_and_the_served_one_stays(app_parts):
-    from segvol.versions import VersionError
+    from segvol.training.versions import VersionError
 
     service, datastore, trainer = app_parts
     assert trainer(dict(ROUND), datastore)["status"] == "promoted"
@@ -195,7 +195,7 @@ def test_a_second_round_reuses_the_encodings_of_the_first(app_parts):
 def test_a_round_needs_two_labelled_images_and_keeps_the_sides_apart(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
     from lib.trainers.decoder import SegVolDecoderTrainer, split
 
@@ -241,7 +241,7 @@ def test_next_sample_prefers_the_least_certain_image(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
     from lib.activelearning.uncertainty import Uncertainty
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
 
     write_phantoms(tmp_path / "studies", 4, labelled=False)
@@ -265,7 +265,7 @@ def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):
     the kernel refuses the write as a full disk would."""
     import subprocess
 
-    from segvol.versions import VersionStore
+    from segvol.training.versions import VersionStore
 
     store = VersionStore(tmp_path / "versions")
     store.write({"mask_decoder.x": torch.zeros(4)}, {"note": "small, fits"})
@@ -273,7 +273,7 @@ def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):
     code = """
 import resource, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
-from segvol.versions import VersionError, VersionStore
+from segvol.training.versions import VersionError, VersionStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 try:
@@ -311,7 +311,7 @@ def round_parts(folder: Path, tmp_path: Path, **conf: str):
     """service, datastore and train task on the phantoms already written (and edited) in ``folder``."""
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.service import SegVolService
+    from lib.serving.host import SegVolService
     from lib.settings import AppSettings
     from lib.trainers.decoder import SegVolDecoderTrainer
 
@@ -331,7 +331,7 @@ def sides(ids: list[str]) -> tuple[list[str], list[str]]:
 def test_a_stroke_that_vanishes_from_the_zoom_out_is_skipped_and_the_round_still_trains(tmp_path):
     """Issue 19: one brush stroke on one slice, saved as "bone", made every round fail in _box
     (the zoom-out target was empty after downsampling). Now that view is left out and listed."""
-    from lib.trainers.progress import RoundProgress
+    from lib.rounds.progress import RoundProgress
     from segvol.model import CONFIGS
     from segvol.preprocess import nearest_exact_source, prepare
 
@@ -425,7 +425,7 @@ def test_a_box_or_points_of_an_empty_target_are_refused_by_name():
     """Defence in depth: the round never draws on an empty target, and if it did, it says why."""
     import random
 
-    from segvol.finetune import _box, _points
+    from segvol.training.finetune import _box, _points
 
     rng = random.Random(0)
     empty = torch.zeros(4, 8, 8)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import phantom
-from lib.labels import LabelError, read_upload
-from lib.uploads import UploadError, UploadTooLarge, check_image, read_label
+from lib.labels.checks import LabelError, read_upload
+from lib.labels.uploads import UploadError, UploadTooLarge, check_image, read_label
 from segvol.io import read_volume
 
 SHAPE = (48, 40, 12)

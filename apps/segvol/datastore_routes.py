@@ -5,9 +5,9 @@ and file work on the event loop (every other request waits), and let any signed-
 the model file, store anything in the archive through the proxy or upload sessions of any
 files. These keep the same paths and parameters, so OHIF and Slicer work unchanged, and differ
 where it matters:
-- who may call them is lib/access.py's policy (roles with authentication, switches without);
+- who may call them is lib/team/access.py's policy (roles with authentication, switches without);
 - ids are looked up among the datastore's own (lib/paths.py), uploads are bounded by
-  ``--conf max_upload_mb`` and read by content (lib/uploads.py);
+  ``--conf max_upload_mb`` and read by content (lib/labels/uploads.py);
 - every route is a plain ``def``: FastAPI runs it in its thread pool, off the event loop.
 """
 
@@ -31,7 +31,7 @@ from monailabel.interfaces.utils.app import app_instance
 
 
 def _policy():
-    from lib.access import Policy
+    from lib.team.access import Policy
 
     return Policy(settings.MONAI_LABEL_AUTH_ENABLE, app_instance().service.settings.datastore_changes)
 
@@ -41,7 +41,7 @@ def allowed(action_name: str):
     refused with 403 naming what would allow it when the policy says no."""
 
     async def check(user: Annotated[User, Security(get_current_user)]) -> User:
-        from lib.access import Action, Forbidden
+        from lib.team.access import Action, Forbidden
 
         try:
             _policy().check(Action[action_name], user.roles)
@@ -63,8 +63,8 @@ def _bad(e: Exception, status: int = 400) -> HTTPException:
 
 
 def _params(text: str, what: str = "params") -> dict:
-    from lib.limits import check_json_text, check_sizes
-    from lib.validation import RequestError, params_object
+    from lib.serving.limits import check_json_text, check_sizes
+    from lib.serving.validation import RequestError, params_object
 
     try:
         check_json_text(text, what)
@@ -213,8 +213,8 @@ def add_image(
     params: Annotated[str, Form()] = "{}",
     file: Annotated[UploadFile, File()] = ...,
 ) -> dict:
+    from lib.labels.uploads import UploadError, UploadTooLarge, check_image
     from lib.paths import PathError, new_id
-    from lib.uploads import UploadError, UploadTooLarge, check_image
 
     info = _params(params)
     try:

@@ -17,10 +17,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 import segvol
 from lib.configs.segvol import SegVolTaskConfig
 from lib.datastores import SegVolDICOMWebDatastore, open_datastore
-from lib.identity import IdentityError, client_of
-from lib.leases import WithoutImages
-from lib.limits import MAX_NAME_CHARS
+from lib.serving.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
+from lib.team.identity import IdentityError, client_of
+from lib.team.leases import WithoutImages
 from segvol.io import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class SegVolApp(MONAILabelApp):
 
     def next_sample(self, request: dict) -> dict:
         """The strategy's pick among the images no other annotator holds, leased to the asking
-        client (lib/leases.py); {} when every image has a final label."""
+        client (lib/team/leases.py); {} when every image has a final label."""
         try:
             client = client_of(request)
         except IdentityError as e:

@@ -44,7 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")  # before monailabel reads it: no watcher
-    from segvol import distributed
+    from segvol.training import distributed
 
     args = parse(argv)
     distributed.init()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from main import SegVolApp
 
-        from lib.validation import RequestError
+        from lib.serving.validation import RequestError
 
         conf = dict(args.conf)
         if distributed.world() > 1 and conf.get("device", "auto").startswith("cuda:"):

@@ -76,7 +76,7 @@ def from_token(token: str) -> User:
     is answered 401 naming the claim, never served as anyone."""
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         return auth.DEFAULT_USER
-    from lib.identity import usable_name
+    from lib.team.identity import usable_name
 
     key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
     try:
@@ -113,7 +113,7 @@ auth.from_token = from_token  # MONAI Label's RBAC looks it up at every request
 
 @app.middleware("http")
 async def identify(request: Request, call_next):
-    """With MONAI Label's authentication on, the signed-in user is who asks (lib/identity.py);
+    """With MONAI Label's authentication on, the signed-in user is who asks (lib/team/identity.py);
     a bad token is left to MONAI Label's own check, which answers 401."""
     if settings.MONAI_LABEL_AUTH_ENABLE:
         header = request.headers.get("authorization", "")
@@ -123,7 +123,7 @@ async def identify(request: Request, call_next):
                 user = from_token(header[7:].strip()).username
             except Exception:  # an invalid or expired token: RBAC refuses the request
                 user = None
-        from lib.identity import current_user
+        from lib.team.identity import current_user
 
         current_user.set(user)
     return await call_next(request)
@@ -215,7 +215,7 @@ SEGVOL_MODE = Path(__file__).parent / "static" / "segvol-mode.js"
 
 def _checked(fn, *args):
     """``fn(*args)``, a RequestError answered 400 with its message."""
-    from lib.validation import RequestError
+    from lib.serving.validation import RequestError
 
     try:
         return fn(*args)
@@ -224,8 +224,8 @@ def _checked(fn, *args):
 
 
 def _bounded(params: object, what: str = "params") -> None:
-    """Every list, string and number in a request's parameters within lib/limits.py's bounds."""
-    from lib.limits import check_sizes
+    """Every list, string and number in a request's parameters within lib/serving/limits.py's bounds."""
+    from lib.serving.limits import check_sizes
 
     _checked(check_sizes, params, what)
 
@@ -314,8 +314,8 @@ def infer(
     Label answers null or a string with a 500), run off the event loop. The tasks segment the
     datastore's images only: an uploaded image, label or session, or params that would replace
     the image or model MONAI Label passes on, are refused."""
-    from lib.limits import check_json_text
-    from lib.validation import params_object
+    from lib.serving.limits import check_json_text
+    from lib.serving.validation import params_object
 
     _checked(check_json_text, params)
     asked = _checked(params_object, params)
@@ -369,7 +369,7 @@ def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "
 
 
 def _client(client_id: object) -> str:
-    from lib.identity import IdentityError, client_of
+    from lib.team.identity import IdentityError, client_of
 
     try:
         return client_of({"client_id": client_id})
@@ -379,7 +379,7 @@ def _client(client_id: object) -> str:
 
 @app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
 def status(user: Reader, client_id: str | None = None, image: str | None = None) -> dict:
-    from lib.trainers.progress import RUNNING, RoundProgress
+    from lib.rounds.progress import RUNNING, RoundProgress
 
     instance = app_instance()
     service = instance.service

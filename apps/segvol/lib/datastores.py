@@ -7,7 +7,7 @@ folder, the client gets HTTP 503 saying so, and the upload is retried on the nex
 start-up, so no label is lost.
 
 Drafts (``python -m segvol preannotate``) are stored beside the labels but are none: a folder's
-draft is MONAI Label's ``original`` label, an archive's a SEG marked as a draft (lib/archive.py);
+draft is MONAI Label's ``original`` label, an archive's a SEG marked as a draft (lib/archive/index.py);
 both leave the image unlabelled until an annotator saves a final label.
 """
 
@@ -37,13 +37,13 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
-from lib.archive import SegIndex
-from lib.dicom_seg import SegError, Segment, read_seg, write_seg
-from lib.identity import IdentityError, client_of
-from lib.labels import LabelError, LabelPart, check_tag, normalise, read_upload
+from lib.archive.index import SegIndex
+from lib.archive.seg import SegError, Segment, read_seg, write_seg
+from lib.labels.checks import LabelError, LabelPart, check_tag, normalise, read_upload
+from lib.labels.uploads import UploadError, UploadTooLarge
 from lib.paths import PathError, inside, new_id
-from lib.provenance import AUTOMATIC, MANUAL, Origin
-from lib.uploads import UploadError, UploadTooLarge
+from lib.team.identity import IdentityError, client_of
+from lib.team.provenance import AUTOMATIC, MANUAL, Origin
 from segvol.io import ImageReadError, read_volume
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,7 @@ class SegVolLocalDatastore(SegVolLabels, LocalDatastore):
 class SegVolDICOMWebDatastore(SegVolLabels, DICOMWebDatastore):
     """Images are the archive's CT series, listed again at most every ``refresh_seconds`` (MONAI
     Label keeps its list 2 hours: a study stored meanwhile would not be seen). An image's final
-    label is its newest SEG in the archive, whoever wrote it (lib/archive.py), read onto the
+    label is its newest SEG in the archive, whoever wrote it (lib/archive/index.py), read onto the
     image's grid once per SEG."""
 
     def __init__(self, service, *args, refresh_seconds: float = 60, **kwargs) -> None:

@@ -1,7 +1,7 @@
 """Next image to annotate: the one on which SegVol is least sure of the categories being annotated.
 
 Score: mean binary entropy of SegVol's zoom-out prediction (one encoder pass per image, text
-prompts only) over the categories in the request's ``labels`` (at most lib/limits.py's 16),
+prompts only) over the categories in the request's ``labels`` (at most lib/serving/limits.py's 16),
 else those already in final labels, else the first configured auto labels. Scores are kept per
 image and model version, so asking again costs nothing until the model or the images change.
 
@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.service import SegVolService
+from lib.serving.host import SegVolService
 from segvol.io import ImageReadError, read_volume
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from lib.infers.deepgrow import SegVolDeepgrow
 from lib.infers.segmentation import SegVolSegmentation
 from lib.infers.vista3d import SegVolVista3D
-from lib.service import SegVolService
+from lib.serving.host import SegVolService
 from lib.settings import AppSettings
 from lib.trainers.decoder import AppArgs, SegVolDecoderTrainer
 

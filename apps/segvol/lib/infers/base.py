@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from lib.identity import IdentityError, client_of
-from lib.params import PromptBuilder, Target, flag, output_options
 from lib.paths import TAG
-from lib.service import SegVolService, ServiceUnavailable
-from lib.validation import Param, RequestError, check
+from lib.serving.host import SegVolService, ServiceUnavailable
+from lib.serving.params import PromptBuilder, Target, flag, output_options
+from lib.serving.validation import Param, RequestError, check
+from lib.team.identity import IdentityError, client_of
 from segvol.engine import ImageTooLarge
 from segvol.io import ImageReadError, write_like
 from segvol.preprocess import ImageError

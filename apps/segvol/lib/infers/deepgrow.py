@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lib.infers.base import SegVolInferTask
-from lib.params import PromptBuilder, Target, _list, explicit, slicer_roi, with_texts
+from lib.serving.params import PromptBuilder, Target, _list, explicit, slicer_roi, with_texts
 
 
 class SegVolDeepgrow(SegVolInferTask):

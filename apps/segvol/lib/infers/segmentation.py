@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lib.infers.base import SegVolInferTask
-from lib.params import ParamError, PromptBuilder, Target, explicit, with_texts
+from lib.serving.params import ParamError, PromptBuilder, Target, explicit, with_texts
 
 DEFAULT_TEXTS = "liver, spleen, right kidney, left kidney"
 

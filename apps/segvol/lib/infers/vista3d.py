@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from lib.infers.base import SegVolInferTask
-from lib.params import ParamError, PromptBuilder, Target, _list, explicit, with_texts
+from lib.serving.params import ParamError, PromptBuilder, Target, _list, explicit, with_texts
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ request. A killed or failing round leaves no version behind and the served one u
 Several processes (``train_processes``, or the round run under torchrun): each encodes its share
 of the labelled images and every process gets all the views; each computes the loss of its share
 of every batch (``train_batch`` samples) and the gradients are summed, so the same seed and batch
-give one process's version to float noise (segvol/finetune.py, segvol/distributed.py). Rank 0
+give one process's version to float noise (segvol/training/finetune.py, segvol/training/distributed.py). Rank 0
 lists the labels, writes the progress and the version; the others return its result.
 """
 
@@ -36,13 +36,13 @@ import torch
 from monailabel.interfaces.tasks.train import TrainTask
 from tqdm import tqdm
 
-from lib.service import SegVolService
-from lib.trainers.progress import RUNNING, RoundProgress
-from lib.validation import Param, RequestError, check
-from segvol import distributed
+from lib.rounds.progress import RUNNING, RoundProgress
+from lib.serving.host import SegVolService
+from lib.serving.validation import Param, RequestError, check
 from segvol.embedding_store import EmbeddingStore, encoder_digest
-from segvol.finetune import ALL_VIEWS, DecoderTrainer, Skip, View, check_batch, trainable_state, views_of
 from segvol.io import read_volume
+from segvol.training import distributed
+from segvol.training.finetune import ALL_VIEWS, DecoderTrainer, Skip, View, check_batch, trainable_state, views_of
 
 log = logging.getLogger(__name__)
 ROUND_PY = Path(__file__).resolve().parents[2] / "round.py"  # a round from the command line / torchrun
@@ -107,7 +107,7 @@ class SegVolDecoderTrainer(TrainTask):
     PASSED_THROUGH = frozenset({"model", "client_id", "gpus", "local_rank"})
 
     def check_params(self, params: dict) -> dict:
-        """The request's round parameters, checked (lib.validation.RequestError names a bad one),
+        """The request's round parameters, checked (lib.serving.validation.RequestError names a bad one),
         a batch that the round's processes cannot share evenly too."""
         what = "a SegVol fine-tune round"
         asked = check(params, self.PARAMETERS, self.PASSED_THROUGH, what)

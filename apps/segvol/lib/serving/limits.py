@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from lib.validation import RequestError
+from lib.serving.validation import RequestError
 
 MAX_JSON_CHARS = 256 * 1024  # a params form field or body, as text
 MAX_DEPTH = 6

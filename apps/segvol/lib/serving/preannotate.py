@@ -5,7 +5,7 @@ Ray Data hands the series to a pool of actors, one model each (one GPU each wher
 GPUs). An actor reads a series as the app does for inference (the datastore's NIfTI of it),
 segments the categories with text prompts in one engine call and stores the label map as a draft
 through the app's datastore: in the archive a SEG marked as a draft, every segment AUTOMATIC; in a
-folder MONAI Label's ``original`` label. Drafts are never final labels (lib/archive.py), so rounds
+folder MONAI Label's ``original`` label. Drafts are never final labels (lib/archive/index.py), so rounds
 do not learn from them and the images stay unlabelled for the next-image strategies.
 
 What is done is read from what is stored, not from a progress file: a series with any label or
@@ -27,9 +27,9 @@ import numpy as np
 
 import segvol
 from lib.datastores import SegVolLabels, open_datastore
-from lib.labels import LabelPart
-from lib.params import PromptBuilder, with_texts
-from lib.service import SegVolService
+from lib.labels.checks import LabelPart
+from lib.serving.host import SegVolService
+from lib.serving.params import PromptBuilder, with_texts
 from lib.settings import AppSettings
 from segvol.vocabulary import default_vocabulary
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from lib import paths
-from lib.params import FIRST_FREE_VALUE
-from lib.uploads import read_label
+from lib.labels.uploads import read_label
+from lib.serving.params import FIRST_FREE_VALUE
 from segvol.io import ImageReadError, Volume
 from segvol.vocabulary import Category, Vocabulary
 
@@ -63,8 +63,8 @@ def check_grid(label_affine: np.ndarray, image_affine: np.ndarray) -> None:
 
 def read_upload(path: str | Path, image: Volume, max_bytes: int = 1024 * 1024 * 1024) -> np.ndarray:
     """A label file as an (i, j, k) integer array on the image's grid, read by its content
-    (lib.uploads: NIfTI, attached-data NRRD, or OHIF's raw uint8 labelmap in Fortran order with one
-    byte per image voxel), never by its name. Raises lib.uploads.UploadError (UploadTooLarge past
+    (lib.labels.uploads: NIfTI, attached-data NRRD, or OHIF's raw uint8 labelmap in Fortran order with one
+    byte per image voxel), never by its name. Raises lib.labels.uploads.UploadError (UploadTooLarge past
     ``max_bytes``, for a 413) for a file that is not read, and LabelError for a label that is read
     but does not fit the image (grid, values); UploadError is deliberately not a LabelError."""
     volume = read_label(path, image, max_bytes, raw_ok=True)

@@ -1,6 +1,6 @@
 """``python -m segvol bench-round``: where a fine-tune round's time goes.
 
-A round as the app runs it (segvol.finetune): encode the views of N labelled CTs (the zoom-out
+A round as the app runs it (segvol.training.finetune): encode the views of N labelled CTs (the zoom-out
 volume and up to ``windows`` zoom-in windows per label), measure held-out Dice, train the
 decoder ``steps`` steps, measure again. Run twice: the second round starts in a fresh predictor
 (as each round's process does) with the encodings of the first on disk, as the app keeps them.
@@ -18,7 +18,7 @@ import numpy as np
 from segvol.bench import synthetic_ct
 from segvol.embedding_store import EmbeddingStore, encoder_digest
 from segvol.engine import SegVolPredictor
-from segvol.finetune import DecoderTrainer, views_of
+from segvol.training.finetune import DecoderTrainer, views_of
 
 
 def organ_mask(shape: tuple[int, int, int]) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from filelock import FileLock
 
-from lib.store import TeamStore
+from lib.team.store import TeamStore
 
 
 @dataclass(frozen=True)

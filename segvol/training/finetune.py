@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segvol import distributed
 from segvol.engine import SegVolPredictor
 from segvol.preprocess import Crop
+from segvol.training import distributed
 
 log = logging.getLogger(__name__)
 

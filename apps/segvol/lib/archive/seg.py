@@ -9,7 +9,7 @@ SEMIAUTOMATIC when a person edited SegVol's result, MANUAL when SegVol never pro
 label for the image) and, unless MANUAL, the Segmentation Algorithm Identification (SegVol, the
 model version that made it). The annotator is ContentCreatorName. Every slice is written (no
 empty frames dropped), so reading back gives the image grid exactly. A pre-annotation draft
-says so in its SeriesDescription (what lib/archive.py reads) and its ContentLabel.
+says so in its SeriesDescription (what lib/archive/index.py reads) and its ContentLabel.
 
 Read with pydicom-seg, whose reader gives each segment as an image with the SEG's own geometry
 (highdicom 0.22, the last release for the pydicom 2 that MONAI Label needs, has no volume
@@ -35,9 +35,9 @@ import SimpleITK as sitk
 from pydicom.sr.coding import Code
 
 import segvol
-from lib.archive import DRAFT_PREFIX
-from lib.dicom_text import character_set, long_string, person_name
-from lib.params import FIRST_FREE_VALUE
+from lib.archive.dicom_text import character_set, long_string, person_name
+from lib.archive.index import DRAFT_PREFIX
+from lib.serving.params import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _code(d: dict) -> hd.sr.CodedConcept:
 def describe(seg: Segment, number: int, model_version: str) -> hd.seg.SegmentDescription:
     """One segment: label, codes (the laterality modifier inside the type code item, where the
     standard puts it), algorithm type and identification. The name is the client's: it is made a
-    valid LO value (lib.dicom_text) for the label and the local code's meaning."""
+    valid LO value (lib.archive.dicom_text) for the label and the local code's meaning."""
     name = long_string(seg.name, f"segment {number}")
     snomed = seg.category.snomed if seg.category else None
     if snomed:
@@ -131,7 +131,7 @@ def write_seg(
 ) -> Path:
     """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``;
     ``creator`` (the annotator) becomes ContentCreatorName; ``draft``: a pre-annotation to correct.
-    Client strings (creator, segment names) are made valid DICOM values (lib.dicom_text); the SEG
+    Client strings (creator, segment names) are made valid DICOM values (lib.archive.dicom_text); the SEG
     says ISO_IR 192 (UTF-8) where any of its text is not ASCII, so it reads back exactly."""
     ref, datasets = _reference(series_dir)
     if tuple(label_ijk.shape) != tuple(ref.GetSize()):

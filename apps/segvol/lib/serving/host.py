@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.leases import Leases
-from lib.provenance import Provenance
 from lib.settings import AppSettings
-from lib.store import TeamStore
-from lib.unreadable import Unreadable
+from lib.team.leases import Leases
+from lib.team.provenance import Provenance
+from lib.team.store import TeamStore
+from lib.team.unreadable import Unreadable
 from segvol.engine import Prediction, SegVolPredictor
-from segvol.finetune import trainable_state
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
 from segvol.preprocess import digest
 from segvol.prompts import Prompt
-from segvol.versions import BASE, VersionError, VersionStore
+from segvol.training.finetune import trainable_state
+from segvol.training.versions import BASE, VersionError, VersionStore
 from segvol.vocabulary import Vocabulary, default_vocabulary
 from segvol.weights import WeightsError, find_or_download, load_segvol
 

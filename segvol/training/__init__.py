@@ -1,0 +1,1 @@
+"""Fine-tuning the decoder: its numerics, model versions, torch.distributed and the round bench."""

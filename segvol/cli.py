@@ -1,5 +1,9 @@
 """``python -m segvol``: segment a CT from the command line, list the categories, time the stages,
-inspect and switch the fine-tuned decoder versions a server serves, pre-annotate an archive."""
+inspect and switch the fine-tuned decoder versions a server serves.
+
+The engine's command line: it knows the model and its files, nothing of a server or an app.
+Each subcommand is a ``_<name>_parser`` that declares its options and the ``cmd_<name>`` it runs.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the commands import what they run, so --help and categories start fast
+    from segvol.engine import Prediction, SegVolPredictor
+    from segvol.training.versions import VersionStore
+    from segvol.vocabulary import Resolved
 
 log = logging.getLogger("segvol")
 
 DEFAULT_CACHE = Path(os.environ.get("SEGVOL_HOME", Path.home() / ".cache" / "segvol"))
-APP_DIR = Path(__file__).resolve().parent.parent / "apps" / "segvol"  # the MONAI Label app
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 
 SEGMENT_EPILOG = """\
 Prompts are voxel indices (i, j, k) of the image array as stored, the convention of
@@ -28,6 +38,14 @@ or SegVol_v1.pth. Without it, the snapshot is looked for in $SEGVOL_HOME (defaul
 ~/.cache/segvol) and downloaded there from Hugging Face on first use.
 """
 
+VERSIONS_EPILOG = """\
+  python -m segvol versions list --dir apps/segvol/model/versions
+  python -m segvol versions show v0003
+  python -m segvol versions activate v0002 --reason 'v0003 misses small livers'
+  python -m segvol versions rollback"""
+
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -35,13 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every stage")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_segment_parser, _bench_parser, _bench_round_parser, _categories_parser, _versions_parser):
+        add(sub)
+    return p
 
+
+# ---------------------------------------------------------------------- segment
+def _segment_parser(sub: Subparsers) -> None:
     s = sub.add_parser(
         "segment",
         help="segment one volume",
         epilog=SEGMENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    s.set_defaults(run=cmd_segment)
     s.add_argument(
         "--image", required=True, type=Path, help="CT volume in HU: .nii, .nii.gz, .nrrd, or a DICOM series folder"
     )
@@ -57,24 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--box", nargs=6, type=int, metavar=("I0", "J0", "K0", "I1", "J1", "K1"), help="inclusive box in voxel indices"
     )
-    s.add_argument(
-        "--point",
-        nargs=3,
-        type=int,
-        action="append",
-        default=[],
-        metavar=("I", "J", "K"),
-        help="positive click (repeatable)",
-    )
-    s.add_argument(
-        "--negative-point",
-        nargs=3,
-        type=int,
-        action="append",
-        default=[],
-        metavar=("I", "J", "K"),
-        help="negative click (repeatable)",
-    )
+    for flag, what in (("--point", "positive"), ("--negative-point", "negative")):
+        s.add_argument(
+            flag,
+            nargs=3,
+            type=int,
+            action="append",
+            default=[],
+            metavar=("I", "J", "K"),
+            help=f"{what} click (repeatable)",
+        )
     s.add_argument("--no-zoom-in", action="store_true", help="stop after the zoom-out pass (faster, coarser)")
     s.add_argument("--logits", type=Path, help="also write float32 logits of the first target (-1000 where unseen)")
     s.add_argument("--report", type=Path, help="write a JSON record: crop, model-space prompts, ROI, windows, timings")
@@ -82,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISION_CHOICES,
         help="fp32 (faithful, default); bf16/fp16 are faster approximations (see README)",
     )
     s.add_argument(
@@ -97,116 +114,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send each --text as typed, as the official pipeline does (default: a synonym goes as its trained name)",
     )
-
-    b = sub.add_parser(
-        "bench",
-        help="time each stage, fast path against the faithful one",
-        description="Times preprocessing, encoder windows, decoder, post-processing and writing for "
-        "a first prompt, further prompts on the same image and many categories in one call.",
-    )
-    b.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --config, seed 0)")
-    b.add_argument("--config", default="segvol-official", help="model config without --weights")
-    b.add_argument("--image", type=Path, help="a CT to use (default: a synthetic one of --shape)")
-    b.add_argument("--shape", nargs=3, type=int, default=[512, 512, 200], metavar=("I", "J", "K"))
-    b.add_argument("--categories", type=int, default=10, help="categories in the many-category scenario")
-    b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
-    b.add_argument("--decode-batch", type=int, default=0, help="decoder passes per batch (0: 8 on a GPU, 1 on a CPU)")
-    b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
-    b.add_argument("--overlap", type=float, default=0.5, help="zoom-in overlap of the fast path (0.5: faithful)")
-    b.add_argument("--no-zoom-in", action="store_true")
-    b.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="for the fast path")
-    b.add_argument("--device", default="auto")
-
-    r = sub.add_parser(
-        "bench-round",
-        help="time a fine-tune round: encoding the views against the decoder steps",
-        description="Two rounds on synthetic labelled CTs, the second with the first's encodings on disk.",
-    )
-    r.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --config, seed 0)")
-    r.add_argument("--config", default="segvol-official", help="model config without --weights")
-    r.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64], metavar=("I", "J", "K"))
-    r.add_argument("--images", type=int, default=3, help="labelled CTs (one held out)")
-    r.add_argument("--steps", type=int, default=200, help="decoder steps (the app's default train_steps)")
-    r.add_argument("--windows", type=int, default=4, help="zoom-in windows per label (the app's train_windows)")
-    r.add_argument("--device", default="cpu")
-
-    c = sub.add_parser("categories", help="list the categories SegVol was trained with")
-    c.add_argument("--search", default="", help="only names or synonyms containing this text")
-    c.add_argument("--json", action="store_true", help="print JSON")
-
-    v = sub.add_parser(
-        "versions",
-        help="list, show, activate or roll back fine-tuned decoder versions",
-        description="The versions a server's fine-tune rounds wrote (its --conf versions_dir). The "
-        "server serves the one named in ACTIVE and checks it before every request, so activate and "
-        "rollback take effect at its next request, with no restart.",
-        epilog="  python -m segvol versions list --dir apps/segvol/model/versions\n"
-        "  python -m segvol versions show v0003\n"
-        "  python -m segvol versions activate v0002 --reason 'v0003 misses small livers'\n"
-        "  python -m segvol versions rollback",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    v.add_argument("action", choices=("list", "show", "activate", "rollback"))
-    v.add_argument("name", nargs="?", help="a version (vNNNN) or 'base', for show and activate")
-    v.add_argument(
-        "--dir", type=Path, default=Path("apps/segvol/model/versions"), help="the versions folder (the app's default)"
-    )
-    v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
-
-    pa = sub.add_parser(
-        "preannotate",
-        help="store a draft label for every series of an archive or folder, with Ray",
-        description="Segments the categories in every series that has no label and no draft yet,\n"
-        "with a pool of Ray workers (one model each; one GPU each where there are GPUs), and stores\n"
-        "each result as a draft: in a DICOMweb archive a SEG marked as a draft (AUTOMATIC segments),\n"
-        "in a folder the 'original' label. Annotators open a draft, correct it and save a final\n"
-        "label; rounds learn from final labels only. A second run skips what is stored; failed\n"
-        "series are listed. Exit status 1 when a series failed.",
-        epilog="  python -m segvol preannotate --studies http://127.0.0.1:8042/dicom-web "
-        "--categories liver,spleen --workers 2\n"
-        "  python -m segvol preannotate --studies sample-datastore --categories liver --ray-address auto",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    pa.add_argument(
-        "--studies",
-        required=True,
-        help="a DICOMweb URL (basic auth from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD) or a folder of images",
-    )
-    pa.add_argument("--categories", required=True, help="comma-separated category names (liver,spleen,...)")
-    pa.add_argument("--workers", type=int, default=1, help="Ray actors, one model each (1)")
-    pa.add_argument("--ray-address", help="a running Ray cluster (auto, ray://host:10001); default: a local Ray")
-    pa.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all), shared by the workers")
-    pa.add_argument(
-        "--weights",
-        default="hub",
-        help="as the server's --conf weights: snapshot folder or checkpoint; 'hub' (default: "
-        "apps/segvol/model/BAAI-SegVol, downloaded on first use); 'seeded' (untrained, tests)",
-    )
-    pa.add_argument("--model-config", default="segvol-official", help="segvol-tiny with --weights seeded only")
-    pa.add_argument("--no-zoom-in", action="store_true", help="the zoom-out pass only (faster, coarser)")
-    pa.add_argument("--device", default="auto", help="auto (CUDA where the worker has a GPU), cpu or cuda")
-    pa.add_argument(
-        "--versions-dir",
-        type=Path,
-        default=APP_DIR / "model" / "versions",
-        help="the server's --conf versions_dir: drafts come from the decoder version it serves",
-    )
-    pa.add_argument(
-        "--cache",
-        type=Path,
-        default=DEFAULT_CACHE / "preannotate",
-        help="DICOMweb: series downloads (each removed once done) and the archive's SEG index",
-    )
-    pa.add_argument(
-        "--team-db",
-        type=Path,
-        help="the server's team state (its --conf team_db; for a folder <folder>/.segvol/team.sqlite "
-        "by default): drafts are recorded as served results, so a draft saved unedited is AUTOMATIC",
-    )
-    pa.add_argument(
-        "--report", type=Path, help="write one JSON line per series run: status, error, seconds, voxels, stored"
-    )
-    return p
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
@@ -238,29 +145,60 @@ def cmd_segment(a: argparse.Namespace) -> int:
     if a.logits:
         write_like(volume, predictor.logits_on_image(targets[0]), a.logits)
     if a.report:
-        a.report.write_text(
-            json.dumps(
-                {
-                    "image": str(a.image),
-                    "weights": str(weights),
-                    "device": str(predictor.device),
-                    "labels": {n: i + 1 for i, n in enumerate(names)},
-                    "texts": [
-                        {"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)}
-                        for t in texts
-                    ],
-                    "targets": [t.trace.as_json() for t in targets],
-                    "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
-                    "stats": dict(predictor.stats),
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        a.report.write_text(json.dumps(_segment_report(a, weights, predictor, names, texts, targets), indent=1) + "\n")
     for n, t in zip(names, targets):
         log.info("%s: %d voxels", n, int(t.mask.sum()))
     log.info("wrote %s (labels %s) in %.1f s", a.output, sidecar, time.perf_counter() - t0)
     return 0
+
+
+def _segment_report(
+    a: argparse.Namespace,
+    weights: Path,
+    predictor: SegVolPredictor,
+    names: list[str],
+    texts: list[Resolved],
+    targets: list[Prediction],
+) -> dict:
+    """The --report record: what was asked, what the model received and saw, and what it cost."""
+    return {
+        "image": str(a.image),
+        "weights": str(weights),
+        "device": str(predictor.device),
+        "labels": {n: i + 1 for i, n in enumerate(names)},
+        "texts": [{"typed": t.typed, "sent": t.name, "via": t.via, "suggestions": list(t.suggestions)} for t in texts],
+        "targets": [t.trace.as_json() for t in targets],
+        "timings_s": {k: round(v, 4) for k, v in predictor.timings.items()},
+        "stats": dict(predictor.stats),
+    }
+
+
+# ---------------------------------------------------------------------- bench
+def _bench_parser(sub: Subparsers) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="time each stage, fast path against the faithful one",
+        description="Times preprocessing, encoder windows, decoder, post-processing and writing for "
+        "a first prompt, further prompts on the same image and many categories in one call.",
+    )
+    b.set_defaults(run=cmd_bench)
+    _model_options(b)
+    b.add_argument("--image", type=Path, help="a CT to use (default: a synthetic one of --shape)")
+    b.add_argument("--shape", nargs=3, type=int, default=[512, 512, 200], metavar=("I", "J", "K"))
+    b.add_argument("--categories", type=int, default=10, help="categories in the many-category scenario")
+    b.add_argument("--window-batch", type=int, default=4, help="zoom-in windows encoded per batch")
+    b.add_argument("--decode-batch", type=int, default=0, help="decoder passes per batch (0: 8 on a GPU, 1 on a CPU)")
+    b.add_argument("--faithful", action="store_true", help="also run the plain path and compare outputs")
+    b.add_argument("--overlap", type=float, default=0.5, help="zoom-in overlap of the fast path (0.5: faithful)")
+    b.add_argument("--no-zoom-in", action="store_true")
+    b.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="for the fast path")
+    b.add_argument("--device", default="auto")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """--weights and --config, as both benches take them."""
+    p.add_argument("--weights", type=Path, help="checkpoint (default: random weights of --config, seed 0)")
+    p.add_argument("--config", default="segvol-official", help="model config without --weights")
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -289,6 +227,22 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- bench-round
+def _bench_round_parser(sub: Subparsers) -> None:
+    r = sub.add_parser(
+        "bench-round",
+        help="time a fine-tune round: encoding the views against the decoder steps",
+        description="Two rounds on synthetic labelled CTs, the second with the first's encodings on disk.",
+    )
+    r.set_defaults(run=cmd_bench_round)
+    _model_options(r)
+    r.add_argument("--shape", nargs=3, type=int, default=[256, 256, 64], metavar=("I", "J", "K"))
+    r.add_argument("--images", type=int, default=3, help="labelled CTs (one held out)")
+    r.add_argument("--steps", type=int, default=200, help="decoder steps (the app's default train_steps)")
+    r.add_argument("--windows", type=int, default=4, help="zoom-in windows per label (the app's train_windows)")
+    r.add_argument("--device", default="cpu")
+
+
 def cmd_bench_round(a: argparse.Namespace) -> int:
     from segvol.bench import build_model
     from segvol.training.bench_round import run
@@ -299,26 +253,21 @@ def cmd_bench_round(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- categories
+def _categories_parser(sub: Subparsers) -> None:
+    c = sub.add_parser("categories", help="list the categories SegVol was trained with")
+    c.set_defaults(run=cmd_categories)
+    c.add_argument("--search", default="", help="only names or synonyms containing this text")
+    c.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_categories(a: argparse.Namespace) -> int:
     from segvol.vocabulary import default_vocabulary
 
     found = default_vocabulary().search(a.search)
     if a.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "index": c.index,
-                        "name": c.name,
-                        "preferred_name": c.preferred_name,
-                        "region": c.region,
-                        "type": c.type,
-                    }
-                    for c in found
-                ],
-                indent=1,
-            )
-        )
+        fields = ("index", "name", "preferred_name", "region", "type")
+        print(json.dumps([{f: getattr(c, f) for f in fields} for c in found], indent=1))
         return 0
     for c in found:
         extra = f"  (= {c.preferred_name})" if c.preferred_name != c.name else ""
@@ -327,85 +276,81 @@ def cmd_categories(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- versions
+def _versions_parser(sub: Subparsers) -> None:
+    v = sub.add_parser(
+        "versions",
+        help="list, show, activate or roll back fine-tuned decoder versions",
+        description="The versions a server's fine-tune rounds wrote (its --conf versions_dir). The "
+        "server serves the one named in ACTIVE and checks it before every request, so activate and "
+        "rollback take effect at its next request, with no restart.",
+        epilog=VERSIONS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    v.set_defaults(run=cmd_versions)
+    v.add_argument("action", choices=("list", "show", "activate", "rollback"))
+    v.add_argument("name", nargs="?", help="a version (vNNNN) or 'base', for show and activate")
+    v.add_argument(
+        "--dir", type=Path, default=Path("apps/segvol/model/versions"), help="the versions folder (the app's default)"
+    )
+    v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
+
+
 def cmd_versions(a: argparse.Namespace) -> int:
-    from segvol.training.versions import BASE, VersionError, VersionStore
+    from segvol.training.versions import VersionError, VersionStore
 
     if not a.dir.is_dir():
         raise VersionError(f"no versions folder {a.dir} (give the server's --conf versions_dir with --dir)")
     store = VersionStore(a.dir)
     active = store.active()
     if a.action == "list":
-        head = f"{'':2}{'version':8}  {'written':19}  {'train/held':>10}  {'held-out Dice':>15}  {'replay':>6}"
-        print(head + "  decision")
-        print(f"{'*' if active == BASE else ' '} {'base':8}  {'':19}  {'':>10}  {'':>15}  {'':>6}  the loaded weights")
-        for name in store.names():
-            m = store.meta(name)
-            labels = m.get("labels", [])
-            held = sum(1 for x in labels if x.get("held_out"))
-            dice = f"{m.get('val_dice_before', float('nan')):.3f}->{m.get('val_dice_after', float('nan')):.3f}"
-            split = f"{len(labels) - held}/{held}"
-            print(
-                f"{'*' if active == name else ' '} {name:8}  {m.get('written', ''):19}  {split:>10}  {dice:>15}  "
-                f"{m.get('replay_dice', float('nan')):6.3f}  {m.get('status', '?')}"
-            )
-        return 0
-    if a.action == "show":
-        name = a.name or active
-        if name == BASE:
-            print(json.dumps({"name": BASE, "active": active == BASE}, indent=1))
-        else:
-            print(json.dumps(dict(store.meta(name), active=active == name), indent=1))
-        for event in store.history():
-            if name in (event["from"], event["to"]):
-                print(f"{event['time']}  {event['from']} -> {event['to']}  {event['reason']}")
-        return 0
-    if a.action == "activate":
+        _list_versions(store, active)
+    elif a.action == "show":
+        _show_version(store, a.name or active, active)
+    elif a.action == "activate":
         if not a.name:
             raise VersionError("activate needs a version name (vNNNN) or 'base'")
         store.activate(a.name, a.reason or f"activated with python -m segvol versions (was {active})")
         print(f"{a.name} is active (was {active}); the server serves it from its next request")
-        return 0
-    name = store.rollback(a.reason or f"rolled back with python -m segvol versions (was {active})")
-    print(f"{name} is active again (was {active}); the server serves it from its next request")
+    else:
+        name = store.rollback(a.reason or f"rolled back with python -m segvol versions (was {active})")
+        print(f"{name} is active again (was {active}); the server serves it from its next request")
     return 0
 
 
-def cmd_preannotate(a: argparse.Namespace) -> int:
-    sys.path.insert(0, str(APP_DIR))  # the app's lib: its datastores, SEG writer and model service
-    from lib.serving.preannotate import FAILED, Job, PreannotateError, resolve_categories, run
-    from lib.settings import ConfError
-    from segvol.weights import find_or_download
+def _list_versions(store: VersionStore, active: str) -> None:
+    """One line per version, the active one starred: held-out Dice before and after, replay Dice, decision."""
+    from segvol.training.versions import BASE
 
-    dicomweb = a.studies.startswith(("http://", "https://"))
-    studies = a.studies.rstrip("/") if dicomweb else str(Path(a.studies).resolve())
-    if not dicomweb and not Path(studies).is_dir():
-        print(f"error: --studies {a.studies}: neither a DICOMweb URL nor a folder", file=sys.stderr)
-        return 2
-    try:
-        categories = resolve_categories([c for c in a.categories.split(",") if c.strip()])
-        weights = a.weights
-        if weights != "seeded":  # resolved (or downloaded) once here, not by every worker
-            weights = str(find_or_download(None if weights == "hub" else weights, APP_DIR / "model").resolve())
-        conf = {
-            "weights": weights,
-            "model_config": a.model_config,
-            "zoom_in": str(not a.no_zoom_in).lower(),
-            "device": a.device,
-            "versions_dir": str(a.versions_dir.resolve()),
-        }
-        team_db = a.team_db or (None if dicomweb else Path(studies) / ".segvol" / "team.sqlite")
-        job = Job(studies, categories, conf, str(a.cache.resolve()), team_db and team_db.resolve())
-        job.settings()  # a bad option stops here, not in every worker
-        report = run(job, a.workers, a.ray_address, a.cpus)
-    except (PreannotateError, ConfError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.text())
-    if a.report:
-        a.report.write_text("".join(json.dumps({**r, "voxels": json.loads(r["voxels"])}) + "\n" for r in report.rows))
-    return 1 if report.count(FAILED) else 0
+    head = f"{'':2}{'version':8}  {'written':19}  {'train/held':>10}  {'held-out Dice':>15}  {'replay':>6}"
+    print(head + "  decision")
+    print(f"{'*' if active == BASE else ' '} {'base':8}  {'':19}  {'':>10}  {'':>15}  {'':>6}  the loaded weights")
+    for name in store.names():
+        m = store.meta(name)
+        labels = m.get("labels", [])
+        held = sum(1 for x in labels if x.get("held_out"))
+        dice = f"{m.get('val_dice_before', float('nan')):.3f}->{m.get('val_dice_after', float('nan')):.3f}"
+        split = f"{len(labels) - held}/{held}"
+        print(
+            f"{'*' if active == name else ' '} {name:8}  {m.get('written', ''):19}  {split:>10}  {dice:>15}  "
+            f"{m.get('replay_dice', float('nan')):6.3f}  {m.get('status', '?')}"
+        )
 
 
+def _show_version(store: VersionStore, name: str, active: str) -> None:
+    """A version's record (or the base's), then every switch to or from it."""
+    from segvol.training.versions import BASE
+
+    if name == BASE:
+        print(json.dumps({"name": BASE, "active": active == BASE}, indent=1))
+    else:
+        print(json.dumps(dict(store.meta(name), active=active == name), indent=1))
+    for event in store.history():
+        if name in (event["from"], event["to"]):
+            print(f"{event['time']}  {event['from']} -> {event['to']}  {event['reason']}")
+
+
+# ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(
@@ -416,15 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from segvol.errors import USER_ERRORS
 
     try:
-        commands = {
-            "segment": cmd_segment,
-            "categories": cmd_categories,
-            "bench": cmd_bench,
-            "bench-round": cmd_bench_round,
-            "versions": cmd_versions,
-            "preannotate": cmd_preannotate,
-        }
-        return commands[a.command](a)
+        return a.run(a)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

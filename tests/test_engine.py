@@ -253,14 +253,12 @@ def test_an_allocation_failure_is_a_clear_error_not_a_crash(tmp_path):
     assert "then segmented (30, 30, 40)" in out.stdout
 
 
-def test_text_embeddings_are_kept_in_a_bounded_lru(tiny_model, monkeypatch):
-    import segvol.engine as engine
-
-    monkeypatch.setattr(engine, "TEXT_CACHE_ENTRIES", 4)
-    predictor = engine.SegVolPredictor(tiny_model, "cpu")
+def test_text_embeddings_are_kept_in_a_bounded_lru(tiny_model):
+    predictor = SegVolPredictor(tiny_model, "cpu")
+    predictor.texts.max_entries = 4
     for n in range(10):  # texts a client chose
         predictor.text_embedding(f"organ {n}")
-    assert list(predictor._text_cache) == [f"organ {n}" for n in range(6, 10)]
+    assert predictor.texts.names() == [f"organ {n}" for n in range(6, 10)]
     predictor.text_embedding("organ 6")  # used again: kept, the oldest other one goes next
     predictor.text_embedding("organ 10")
-    assert list(predictor._text_cache) == ["organ 8", "organ 9", "organ 6", "organ 10"]
+    assert predictor.texts.names() == ["organ 8", "organ 9", "organ 6", "organ 10"]

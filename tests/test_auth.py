@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server import Server, free_port
-from test_team import CONF, IMAGES, _studies
+from team import CONF, IMAGES, studies
 
 pytestmark = pytest.mark.server
 ROLES = ["monailabel-admin", "monailabel-reviewer", "monailabel-annotator", "monailabel-user"]
@@ -63,9 +63,9 @@ def signed_in(realm, tmp_path_factory):
     uri, key = realm
     work = tmp_path_factory.mktemp("auth")
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": uri}
-    studies = _studies(work / "studies")
-    with Server(studies, CONF, work / "server.log", extra_env=env, headers=_token(key, "ada")) as srv:
-        srv.studies = studies
+    folder = studies(work / "studies")
+    with Server(folder, CONF, work / "server.log", extra_env=env, headers=_token(key, "ada")) as srv:
+        srv.studies = folder
         yield srv, key
 
 
@@ -158,7 +158,7 @@ def test_the_signed_in_user_is_the_client(realm, tmp_path):
     uri, key = realm
     ada = _token(key, "ada")
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": uri}
-    with Server(_studies(tmp_path / "studies"), CONF, tmp_path / "server.log", extra_env=env, headers=ada) as srv:
+    with Server(studies(tmp_path / "studies"), CONF, tmp_path / "server.log", extra_env=env, headers=ada) as srv:
         assert requests.get(f"{srv.url}/info/", timeout=10).status_code == 401  # no token, no answer
 
         r = requests.post(f"{srv.url}/activelearning/first", json={"client_id": "mallory"}, headers=ada, timeout=60)

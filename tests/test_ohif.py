@@ -9,30 +9,14 @@ build/test-artifacts/ohif/.
 
 from __future__ import annotations
 
-import json
-import shutil
-
-import nrrd
-import numpy as np
 import pytest
-import requests
 
 from archive import Archive, dicomweb_server
 from conftest import ROOT
+from ohif import CHROMIUM_ARGS, chromium, params, server_result, viewport_box
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "ohif"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--use-angle=swiftshader",
-    "--enable-unsafe-swiftshader",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 RIGHT_LUNG = 84
 LABELMAP_COUNTS = """() => {
     const data = window.services.segmentationService.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray();
@@ -40,14 +24,6 @@ LABELMAP_COUNTS = """() => {
     for (let i = 0; i < data.length; i++) { if (data[i]) counts[data[i]] = (counts[data[i]] || 0) + 1; }
     return {n: data.length, counts: counts};
 }"""
-
-
-def chromium() -> str:
-    """Debian's Chromium (never Playwright's download)."""
-    path = shutil.which("chromium")
-    if not path:
-        pytest.fail("Debian's chromium is not installed (SEGVOL_BROWSER=1 bash scripts/setup.sh installs it)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -69,24 +45,6 @@ def stack(tmp_path_factory):
 def _segment_index(info: dict, name: str) -> int:
     """OHIF numbers its segments by the alphabetical rank of the label names."""
     return sorted(set(info["labels"])).index(name) + 1
-
-
-def _server_result(srv, image: str, body: dict, tmp_path) -> np.ndarray:
-    r = requests.post(
-        f"{srv.url}/infer/segvol",
-        params={"image": image, "output": "image"},
-        files={"params": (None, json.dumps(body))},
-        timeout=300,
-    )
-    r.raise_for_status()
-    (tmp_path / "result.nrrd").write_bytes(r.content)
-    return nrrd.read(str(tmp_path / "result.nrrd"))[0]
-
-
-def _params(request) -> dict:
-    body = request.post_data
-    start = body.index("{")
-    return json.loads(body[start : body.rindex("}") + 1])
 
 
 def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
@@ -115,12 +73,12 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
         tab.locator("button.actionButton", has_text="Run").click()
     assert resp.value.status == 200
-    sent = _params(page.sent[-1])
+    sent = params(page.sent[-1])
     assert sent["label_prompt"] == [RIGHT_LUNG] and sent["result_dtype"] == "uint8"
     page.wait_for_timeout(3000)
     page.screenshot(path=str(ARTIFACTS / "3-class-prompt.png"))
     counts = page.evaluate(LABELMAP_COUNTS)
-    expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
+    expected = int((server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
     segment = str(_segment_index(srv.info, "right lung"))
     assert counts["n"] == 512 * 512 * 48 and expected > 0
     assert counts["counts"] == {segment: expected}
@@ -130,23 +88,67 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     tab.locator("label.tab-label").click()
     tab.locator("select.selectBox").select_option("segvol")
     tab.locator("tr.clickable-row", has_text="right lung").first.click()
-    box = page.evaluate("""() => {
-        const el = [...document.querySelectorAll('[data-viewport-uid], [data-viewportid]')].find(
-            e => (e.getAttribute('data-viewport-uid') || e.getAttribute('data-viewportid')) === 'mpr-axial');
-        const r = el.getBoundingClientRect();
-        return {x: r.x, y: r.y, width: r.width, height: r.height};
-    }""")
+    box = viewport_box(page, "mpr-axial")
     for fx, fy in ((0.27, 0.53), (0.33, 0.58)):
         page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
         page.wait_for_timeout(500)
     with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
         tab.locator("button.actionButton", has_text="Run").click()
     assert resp.value.status == 200
-    sent = _params(page.sent[-1])
+    sent = params(page.sent[-1])
     assert sent["label_prompt"] == [RIGHT_LUNG] and sent["point_labels"] == [1, 1] and len(sent["points"]) == 2
     assert all(0 <= i < 512 and 0 <= j < 512 and 0 <= k < 48 for i, j, k in sent["points"])
     page.wait_for_timeout(3000)
     page.screenshot(path=str(ARTIFACTS / "4-point-prompt.png"))
     counts = page.evaluate(LABELMAP_COUNTS)
-    expected = int((_server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
+    expected = int((server_result(srv, series, sent, tmp_path) == RIGHT_LUNG).sum())
     assert counts["counts"] == {segment: expected}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "said"),
+    [
+        # another build of OHIF than the shim's (here: the shim expects another app bundle)
+        (
+            "APP_BUNDLE = 'app.bundle.af87d1dd396d277eac89.js'",
+            "APP_BUNDLE = 'app.bundle.0123456789abcdef0123.js'",
+            "this page runs OHIF from app.bundle.af87d1dd396d277eac89.js, another build.",
+        ),
+        # a webpack module id the build does not have
+        ("id: 86326", "id: 99999999", "webpack module 99999999 (react) is not in this OHIF build."),
+    ],
+    ids=["another-build", "missing-module"],
+)
+def test_the_segvol_mode_fails_loudly_on_an_ohif_it_was_not_written_for(stack, old, new, said):
+    """ohif-shim.js refuses an OHIF build that is not its own: a console error, the reason in the
+    SegVol panel (in place of the workspace) and a red bar on the page."""
+    archive, srv, page = stack
+    study = archive.get("/dicom-web/studies").json()[0]["0020000D"]["Value"][0]
+    context = page.context.browser.new_context(viewport={"width": 1600, "height": 1000}, service_workers="block")
+    other = context.new_page()
+    errors = []
+    other.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+    def altered(route):
+        response = route.fetch()
+        body = response.text()
+        assert old in body
+        route.fulfill(response=response, body=body.replace(old, new))
+
+    other.route("**/ohif/app-config.js", altered)
+    try:
+        other.goto(f"{srv.url}/ohif/segvol?StudyInstanceUIDs={study}", wait_until="domcontentloaded")
+        other.locator("#segvol-ohif-error").filter(has_text=said).wait_for(timeout=120_000)
+        headline = "SegVol mode: written for OHIF 3.10.0-beta.5 (app.bundle.af87d1dd396d277eac89.js)"
+        if "APP_BUNDLE" in old:
+            headline = headline.replace("af87d1dd396d277eac89", "0123456789abcdef0123")
+        assert headline in other.inner_text("#segvol-ohif-error")
+        # the panel says it too, in place of the workspace, white on red
+        panel = other.locator("#segvol-ohif-problem").filter(has_text=said)
+        panel.wait_for(timeout=30_000)
+        assert panel.evaluate("e => getComputedStyle(e).color") == "rgb(255, 255, 255)"
+        assert headline in panel.inner_text() and other.locator("#segvol-workspace").count() == 0
+        other.screenshot(path=str(ARTIFACTS / f"5-wrong-ohif-{'build' if 'APP_BUNDLE' in old else 'module'}.png"))
+        assert any("[segvol-label]" in e and said in e for e in errors), errors
+    finally:
+        context.close()

@@ -11,21 +11,22 @@ import numpy as np
 import pytest
 
 from archive import Archive, dciodvfy_errors
-from test_ohif import CHROMIUM_ARGS, chromium
-from test_ohif_team import (
+from cluster import replica_cluster
+from ohif import (
     ANNOTATORS,
-    _class_prompt,
-    _index_instances,
-    _next_image,
-    _open_mode,
-    _page_labelmap,
-    _phantom_studies,
-    _seg,
-    _seg_labelmap,
-    _set_annotator,
-    _shape_of,
+    CHROMIUM_ARGS,
+    chromium,
+    class_prompt,
+    index_instances,
+    next_image,
+    open_mode,
+    page_labelmap,
+    phantom_studies,
+    seg_labelmap,
+    seg_of,
+    set_annotator,
+    shape_of,
 )
-from test_replicas import _cluster
 
 pytestmark = pytest.mark.e2e
 REPLICA = "x-segvol-replica"
@@ -35,8 +36,8 @@ def test_annotators_in_ohif_through_haproxy_lose_nothing_when_their_replica_dies
     from playwright.sync_api import sync_playwright
 
     with (
-        Archive(tmp_path / "orthanc", studies=_phantom_studies(tmp_path / "studies")) as archive,
-        _cluster(tmp_path, archive) as cluster,
+        Archive(tmp_path / "orthanc", studies=phantom_studies(tmp_path / "studies")) as archive,
+        replica_cluster(tmp_path, archive) as cluster,
         sync_playwright() as p,
     ):
         browser = p.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
@@ -50,18 +51,18 @@ def test_annotators_in_ohif_through_haproxy_lose_nothing_when_their_replica_dies
         landing = archive.study_of(archive.series["abdomen1"])
         images, owner = {}, {}
         for page in pages:
-            _open_mode(page, cluster, landing)
-            _set_annotator(page)
-            images[page.annotator] = _next_image(page)
-            owner[page.annotator] = _class_prompt(page, "liver").headers[REPLICA]
-            again = _class_prompt(page, "liver", changes=False)  # a further prompt: the same replica
+            open_mode(page, cluster, landing)
+            set_annotator(page)
+            images[page.annotator] = next_image(page)
+            owner[page.annotator] = class_prompt(page, "liver").headers[REPLICA]
+            again = class_prompt(page, "liver", changes=False)  # a further prompt: the same replica
             assert again.headers[REPLICA] == owner[page.annotator]
         assert images[ANNOTATORS[0]] != images[ANNOTATORS[1]], images
 
         page = pages[0]
         victim = owner[page.annotator]
         cluster.replica(victim).kill(signal.SIGKILL)
-        answered = _class_prompt(page, "liver", changes=False)
+        answered = class_prompt(page, "liver", changes=False)
         survivor = answered.headers[REPLICA]
         assert survivor != victim
 
@@ -72,12 +73,12 @@ def test_annotators_in_ohif_through_haproxy_lose_nothing_when_their_replica_dies
         page.locator("#segvol-message").filter(has_text="Saved to the archive").wait_for(timeout=30_000)
 
         image = images[page.annotator]
-        shape = _shape_of(archive, image)
-        _index_instances(archive, image)
-        seg = _seg(archive, image, resp.value.json()["SeriesInstanceUID"])
-        in_page = _page_labelmap(page, shape)
+        shape = shape_of(archive, image)
+        index_instances(archive, image)
+        seg = seg_of(archive, image, resp.value.json()["SeriesInstanceUID"])
+        in_page = page_labelmap(page, shape)
         assert (in_page == "liver").sum() > 0
-        np.testing.assert_array_equal(_seg_labelmap(seg, shape), in_page)
+        np.testing.assert_array_equal(seg_labelmap(seg, shape), in_page)
         (segment,) = seg.SegmentSequence
         assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("liver", "AUTOMATIC")
         assert dciodvfy_errors(seg) == []

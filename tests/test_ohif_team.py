@@ -13,55 +13,45 @@ build/test-artifacts/ohif-team/ (the README's annotator guide uses them).
 from __future__ import annotations
 
 import base64
-import sys
 import time
 
-import nibabel as nib
 import numpy as np
 import pytest
 import requests
 
 from archive import Archive, dciodvfy_errors, dicomweb_server
-from conftest import ROOT, SHARED
-from test_ohif import CHROMIUM_ARGS, _params, _server_result, chromium
-
-sys.path.insert(0, str(SHARED / "tools"))
-from phantom import make_phantom  # noqa: E402
+from conftest import ROOT
+from ohif import (
+    ANNOTATORS,
+    CHROMIUM_ARGS,
+    COUNT,
+    chromium,
+    class_prompt,
+    drag,
+    index_instances,
+    named,
+    next_image,
+    open_mode,
+    page_labelmap,
+    params,
+    phantom_studies,
+    seg_labelmap,
+    seg_of,
+    series_in_view,
+    server_result,
+    set_annotator,
+    shape_of,
+    until_changed,
+    viewport_box,
+)
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "ohif-team"
-ANNOTATORS = ("Ada Lovelace", "Grace Hopper")
 LIVER = 1  # its /info label index
 
-# The page's labelmap: raw bytes (index i + nx*j + nx*ny*k) and the labels of the segments in it.
-PAGE_LABELMAP = """(segmentationId) => {
-    const s = window.services.segmentationService;
-    const data = s.getLabelmapVolume(segmentationId).voxelManager.getCompleteScalarDataArray();
-    const segments = s.getSegmentation(segmentationId).segments;
-    const names = {};
-    let text = '';
-    for (let i = 0; i < data.length; i += 0x8000) text += String.fromCharCode.apply(null, data.subarray(i, i + 0x8000));
-    for (const v of new Set(data)) if (v) names[v] = segments[v].label;
-    return {b64: btoa(text), names: names};
-}"""
-COUNT = """() => {
-    const v = window.services.segmentationService.getLabelmapVolume('1');
-    if (!v) return -1;
-    const d = v.voxelManager.getCompleteScalarDataArray();
-    let n = 0;
-    for (let i = 0; i < d.length; i++) if (d[i]) n++;
-    return n;
-}"""
-VIEWPORT_BOX = """(id) => {
-    const el = [...document.querySelectorAll('[data-viewport-uid], [data-viewportid]')].find(
-        e => (e.getAttribute('data-viewport-uid') || e.getAttribute('data-viewportid')) === id);
-    const r = el.getBoundingClientRect();
-    return {x: r.x, y: r.y, width: r.width, height: r.height};
-}"""
 # OHIF's basic viewer holds a SEG as one label image per CT slice; k = the CT slice's InstanceNumber - 1
 STACK_LABELMAP = """() => {
-    self.webpackChunk.push([['segvol-test-' + Math.random()], {}, r => (window.segvolTestRequire = r)]);
-    const core = window.segvolTestRequire(81985);
+    const core = window.segvolOhif.cornerstoneCore();  // the bundle's @cornerstonejs/core (ohif-shim.js)
     const seg = window.services.segmentationService.getSegmentations()[0];
     const lm = seg.representationData.Labelmap;
     const slices = [];
@@ -80,26 +70,13 @@ STACK_LABELMAP = """() => {
 }"""
 
 
-def _phantom_studies(folder):
-    """Three CTs: two synthetic abdomens of different sizes and a third with another seed."""
-    folder.mkdir(parents=True)
-    for name, shape, seed in (
-        ("abdomen1", (160, 128, 24), 1),
-        ("abdomen2", (144, 128, 20), 2),
-        ("abdomen3", (128, 112, 20), 3),
-    ):
-        image, _, affine = make_phantom(shape, (2.0, 2.0, 5.0), seed=seed)
-        nib.save(nib.Nifti1Image(image, affine), str(folder / f"{name}.nii.gz"))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     work = tmp_path_factory.mktemp("ohif-team")
     with (
-        Archive(work / "orthanc", studies=_phantom_studies(work / "studies")) as archive,
+        Archive(work / "orthanc", studies=phantom_studies(work / "studies")) as archive,
         dicomweb_server(archive.url, work, zoom_in="false", train_steps="30", train_lr="3e-3") as srv,
     ):
         with sync_playwright() as p:
@@ -117,129 +94,6 @@ def team(tmp_path_factory):
             browser.close()
 
 
-def _open_mode(page, srv, study: str, series: str | None = None):
-    url = f"{srv.url}/ohif/segvol?StudyInstanceUIDs={study}"
-    if series:
-        url += f"&initialSeriesInstanceUID={series}"
-    page.goto(url, wait_until="domcontentloaded")
-    _wait_ready(page)
-
-
-def _wait_ready(page):
-    page.locator("#segvol-workspace").wait_for(timeout=120_000)
-    page.locator(".monaiLabelPanel .subtitle").wait_for(timeout=60_000)  # the panel connected by itself
-    page.wait_for_function("() => window.services.segmentationService.getLabelmapVolume('1')", timeout=30_000)
-    hide = page.get_by_text("Confirm and Hide")
-    if hide.count():
-        hide.click()
-
-
-def _set_annotator(page):
-    field = page.locator("#segvol-annotator")
-    field.fill(page.annotator)
-    field.blur()
-
-
-def _series_in_view(page) -> str:
-    return page.evaluate(
-        """() => { const s = window.services; const vp = s.viewportGridService.getState();
-        const uid = vp.viewports.get(vp.activeViewportId).displaySetInstanceUIDs[0];
-        return s.displaySetService.getDisplaySetByUID(uid).SeriesInstanceUID; }"""
-    )
-
-
-def _next_image(page) -> str:
-    page.locator("#segvol-next").click()
-    page.wait_for_url("**/ohif/segvol?*initialSeriesInstanceUID=*", timeout=60_000)
-    _wait_ready(page)
-    return page.evaluate("() => new URL(location.href).searchParams.get('initialSeriesInstanceUID')")
-
-
-def _class_prompt(page, name: str, changes: bool = True):
-    """Tick ``name`` in the MONAI Label panel's class prompts and Run; returns the infer response
-    (with ``changes``, once the page's labelmap has changed)."""
-    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Class Prompts"))
-    tab.locator("label.tab-label").click()
-    box = tab.locator("table.optionsTable tr").filter(has_text=name).first.locator("input[type=checkbox]")
-    box.check()
-    before = page.evaluate(COUNT)
-    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
-        tab.locator("button.actionButton", has_text="Run").click()
-    assert resp.value.status == 200, resp.value.text()
-    if changes:
-        _until_changed(page, before)
-    return resp.value
-
-
-def _drag(page, box, start, end, steps=10):
-    page.mouse.move(box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"])
-    page.mouse.down()
-    for n in range(1, steps + 1):
-        f = n / steps
-        x = start[0] + (end[0] - start[0]) * f
-        y = start[1] + (end[1] - start[1]) * f
-        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
-    page.mouse.up()
-
-
-def _until_changed(page, before: int, timeout: float = 30) -> tuple[int, float]:
-    """The labelmap's voxel count once it differs from ``before``, and how long that took."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        n = page.evaluate(COUNT)
-        if n != before:
-            return n, time.perf_counter() - t0
-        page.wait_for_timeout(50)
-    raise AssertionError(f"the labelmap did not change within {timeout} s")
-
-
-def _page_labelmap(page, shape, segmentation="1") -> np.ndarray:
-    """The page's labelmap as label names per voxel: an object array on the (i, j, k) grid."""
-    got = page.evaluate(PAGE_LABELMAP, segmentation)
-    raw = np.frombuffer(base64.b64decode(got["b64"]), np.uint8).reshape(shape, order="F")
-    return _named(raw, {int(k): v for k, v in got["names"].items()})
-
-
-def _named(values: np.ndarray, names: dict[int, str]) -> np.ndarray:
-    out = np.full(values.shape, "", dtype=object)
-    for v, name in names.items():
-        out[values == v] = name
-    return out
-
-
-def _seg_labelmap(seg, shape) -> np.ndarray:
-    """A SEG read frame by frame with pydicom: segment label per voxel on the (i, j, k) grid. Each
-    frame's slice k comes from the CT instance it is derived from (InstanceNumber - 1 in our series)."""
-    out = np.full(shape, "", dtype=object)
-    labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
-    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
-    sop_to_k = {}
-    for f, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        sop = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        k = sop_to_k.setdefault(sop, _slice_of(sop))
-        out[:, :, k][frames[f].T.astype(bool)] = labels[number]
-    return out
-
-
-_INSTANCE_K: dict[str, int] = {}
-
-
-def _slice_of(sop: str) -> int:
-    return _INSTANCE_K[sop]
-
-
-def _index_instances(archive, series: str) -> None:
-    """SOPInstanceUID -> slice k (InstanceNumber - 1, as scripts/dicom_series.py writes them)."""
-    for inst in archive.get("/dicom-web/instances", params={"SeriesInstanceUID": series}).json():
-        _INSTANCE_K[inst["00080018"]["Value"][0]] = int(inst["00200013"]["Value"][0]) - 1
-
-
-def _shape_of(archive, series: str) -> tuple[int, int, int]:
-    inst = archive.get("/dicom-web/instances", params={"SeriesInstanceUID": series}).json()
-    return int(inst[0]["00280011"]["Value"][0]), int(inst[0]["00280010"]["Value"][0]), len(inst)
-
-
 @pytest.fixture(scope="module")
 def session(team):
     """The two annotators' session, once for the module: next image, class prompt, brush and eraser
@@ -248,18 +102,18 @@ def session(team):
     landing = archive.study_of(archive.series["abdomen1"])
     out = {"figures": {}, "images": {}, "sent": {}, "labelmaps": {}, "segs": {}}
     for page in pages:
-        _open_mode(page, srv, landing)
-        _set_annotator(page)
-        out["images"][page.annotator] = _next_image(page)
-        assert _series_in_view(page) == out["images"][page.annotator]
+        open_mode(page, srv, landing)
+        set_annotator(page)
+        out["images"][page.annotator] = next_image(page)
+        assert series_in_view(page) == out["images"][page.annotator]
         page.locator("#segvol-lease").filter(has_text="held by you").wait_for(timeout=15_000)
 
     figures = out["figures"]
     for n, page in enumerate(pages):
         tag = page.annotator.split()[0].lower()
         t0 = time.perf_counter()
-        response = _class_prompt(page, "liver")
-        out["sent"][page.annotator] = _params(response.request)
+        response = class_prompt(page, "liver")
+        out["sent"][page.annotator] = params(response.request)
         figures[f"{tag} class prompt"] = time.perf_counter() - t0
         page.wait_for_function(
             "() => window.services.segmentationService.getActiveSegment('mpr-axial')?.label === 'liver'", timeout=10_000
@@ -269,17 +123,17 @@ def session(team):
         # brush stroke, then eraser stroke, with the mouse on the axial viewport
         page.locator("[data-cy=panelSegmentationWithTools-btn]").click()
         page.locator("[data-cy=Brush]").click()
-        box = page.evaluate(VIEWPORT_BOX, "mpr-axial")
+        box = viewport_box(page, "mpr-axial")
         before = page.evaluate(COUNT)
         t0 = time.perf_counter()
-        _drag(page, box, (0.3, 0.42), (0.62, 0.5))
-        painted, _ = _until_changed(page, before)
+        drag(page, box, (0.3, 0.42), (0.62, 0.5))
+        painted, _ = until_changed(page, before)
         figures[f"{tag} brush stroke"] = time.perf_counter() - t0
         assert painted > before
         page.locator("[data-cy=Eraser]").click()
         t0 = time.perf_counter()
-        _drag(page, box, (0.45, 0.3), (0.5, 0.62))
-        erased, _ = _until_changed(page, painted)
+        drag(page, box, (0.45, 0.3), (0.5, 0.62))
+        erased, _ = until_changed(page, painted)
         figures[f"{tag} eraser stroke"] = time.perf_counter() - t0
         assert erased < painted
         page.screenshot(path=str(ARTIFACTS / f"{n + 1}b-{tag}-brush-and-eraser.png"))
@@ -293,8 +147,8 @@ def session(team):
         figures[f"{tag} save"] = time.perf_counter() - t0
         out["segs"][page.annotator] = resp.value.json()["SeriesInstanceUID"]
         out["message"] = page.inner_text("#segvol-message")
-        shape = _shape_of(archive, out["images"][page.annotator])
-        out["labelmaps"][page.annotator] = _page_labelmap(page, shape)
+        shape = shape_of(archive, out["images"][page.annotator])
+        out["labelmaps"][page.annotator] = page_labelmap(page, shape)
         page.locator("#segvol-history li").first.wait_for(timeout=15_000)
         page.screenshot(path=str(ARTIFACTS / f"{n + 1}c-{tag}-saved.png"))
 
@@ -302,11 +156,6 @@ def session(team):
     for what, seconds in figures.items():
         print(f"  {what:28s} {seconds:5.2f}")
     return out
-
-
-def _seg(archive, series: str, seg_series: str):
-    (seg,) = [d for d in archive.segs(series) if d.SeriesInstanceUID == seg_series]
-    return seg
 
 
 def test_two_annotators_get_different_images_edit_and_save(team, session, tmp_path):
@@ -317,11 +166,11 @@ def test_two_annotators_get_different_images_edit_and_save(team, session, tmp_pa
     assert "liver: SEMIAUTOMATIC" in session["message"]
     for annotator in ANNOTATORS:
         series = images[annotator]
-        shape = _shape_of(archive, series)
-        _index_instances(archive, series)
-        seg = _seg(archive, series, session["segs"][annotator])
+        shape = shape_of(archive, series)
+        index_instances(archive, series)
+        seg = seg_of(archive, series, session["segs"][annotator])
         in_page = session["labelmaps"][annotator]
-        in_archive = _seg_labelmap(seg, shape)
+        in_archive = seg_labelmap(seg, shape)
         assert (in_page == "liver").sum() > 0
         np.testing.assert_array_equal(in_archive, in_page)  # every voxel, by segment name
         (segment,) = seg.SegmentSequence
@@ -332,7 +181,7 @@ def test_two_annotators_get_different_images_edit_and_save(team, session, tmp_pa
         assert algorithm.AlgorithmName == "SegVol" and algorithm.AlgorithmVersion == srv.info["model_version"][:64]
         assert dciodvfy_errors(seg) == []
         # the voxels added and removed, against what SegVol served for the page's very request
-        served = _server_result(srv, series, dict(session["sent"][annotator], client_id="test-check"), tmp_path)
+        served = server_result(srv, series, dict(session["sent"][annotator], client_id="test-check"), tmp_path)
         served = served == LIVER
         saved = in_page == "liver"
         history = requests.get(f"{srv.url}/segvol/labels", params={"image": series}, timeout=30).json()
@@ -348,34 +197,34 @@ def test_a_saved_seg_reopens_in_the_segvol_mode_and_the_basic_viewer(team, sessi
     archive, srv, pages, browser = team
     page = pages[1]  # Grace reopens Ada's work
     series = session["images"][ANNOTATORS[0]]
-    shape = _shape_of(archive, series)
-    _index_instances(archive, series)
-    seg = _seg(archive, series, session["segs"][ANNOTATORS[0]])
-    expected = _seg_labelmap(seg, shape)
+    shape = shape_of(archive, series)
+    index_instances(archive, series)
+    seg = seg_of(archive, series, session["segs"][ANNOTATORS[0]])
+    expected = seg_labelmap(seg, shape)
     study = archive.study_of(series)
 
-    _open_mode(page, srv, study, series)
+    open_mode(page, srv, study, series)
     page.locator("#segvol-history li").first.wait_for(timeout=30_000)
     assert ANNOTATORS[0] in page.inner_text("#segvol-history")
     page.locator("#segvol-open-0").click()
     page.locator("#segvol-message").filter(has_text="Opened the label").wait_for(timeout=60_000)
-    np.testing.assert_array_equal(_page_labelmap(page, shape), expected)
+    np.testing.assert_array_equal(page_labelmap(page, shape), expected)
     page.screenshot(path=str(ARTIFACTS / "4-reopened-in-segvol-mode.png"))
 
     # an edit and a save make a new version; the archive keeps both
     page.locator("[data-cy=panelSegmentationWithTools-btn]").click()
     page.locator("[data-cy=Eraser]").click()
-    box = page.evaluate(VIEWPORT_BOX, "mpr-axial")
+    box = viewport_box(page, "mpr-axial")
     before = page.evaluate(COUNT)
-    _drag(page, box, (0.35, 0.35), (0.55, 0.55))
-    _until_changed(page, before)
+    drag(page, box, (0.35, 0.35), (0.55, 0.55))
+    until_changed(page, before)
     with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as resp:
         page.locator("#segvol-save").click()
     assert resp.value.status == 200, resp.value.text()
-    second = _seg(archive, series, resp.value.json()["SeriesInstanceUID"])
+    second = seg_of(archive, series, resp.value.json()["SeriesInstanceUID"])
     assert str(second.ContentCreatorName) == "Hopper^Grace" and str(seg.ContentCreatorName) == "Lovelace^Ada"
     assert len(archive.segs(series)) == 2  # the archive keeps both versions
-    np.testing.assert_array_equal(_seg_labelmap(second, shape), _page_labelmap(page, shape))
+    np.testing.assert_array_equal(seg_labelmap(second, shape), page_labelmap(page, shape))
     page.locator("#segvol-history li").nth(1).wait_for(timeout=15_000)
 
     # OHIF's basic viewer reads the newest SEG onto the CT: the same voxels
@@ -394,8 +243,8 @@ def test_a_saved_seg_reopens_in_the_segvol_mode_and_the_basic_viewer(team, sessi
     for s in got["slices"]:
         px = np.frombuffer(base64.b64decode(s["b64"]), np.uint8).reshape(s["rows"], s["columns"])
         values[:, :, s["k"]] = px.T
-    in_viewer = _named(values, {int(k): v for k, v in got["names"].items()})
-    expected_second = _seg_labelmap(second, shape)
+    in_viewer = named(values, {int(k): v for k, v in got["names"].items()})
+    expected_second = seg_labelmap(second, shape)
     painted = np.argwhere(expected_second == "liver")[0]
     assert in_viewer[tuple(painted)] == "liver"  # a known voxel first, then all of them
     np.testing.assert_array_equal(in_viewer, expected_second)

@@ -6,7 +6,6 @@ time across replicas, and a promotion is served by both at their next request.""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -19,15 +18,12 @@ import numpy as np
 import pytest
 import requests
 
-from archive import PASSWORD, USER, Archive, save_liver
-from conftest import ROOT, SHARED
-from server import free_port
+from archive import Archive, save_liver
+from cluster import replica_cluster
+from conftest import SHARED
 
 sys.path.insert(0, str(SHARED / "tools"))
 from phantom import make_phantom  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from replicas import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.dicomweb
 LIVER = 1  # /info label index
@@ -42,33 +38,6 @@ def _studies(folder):
         image, _, affine = make_phantom(SHAPE, (4.0, 4.0, 8.0), seed=seed + 1)
         nib.save(nib.Nifti1Image(image, affine), str(folder / f"ct{seed}.nii.gz"))
     return folder
-
-
-def _cluster(work, archive, **conf: str) -> Cluster:
-    conf = {
-        "weights": "seeded",
-        "model_config": "segvol-tiny",
-        "zoom_in": "false",
-        "versions_dir": str(work / "versions"),
-        "archive_refresh_seconds": "1",
-        **conf,
-    }
-    args = [x for k, v in conf.items() for x in ("--conf", k, v)]
-    env = {
-        "MONAI_LABEL_DICOMWEB_USERNAME": USER,
-        "MONAI_LABEL_DICOMWEB_PASSWORD": PASSWORD,
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "cache"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    return Cluster(
-        f"{archive.url}/dicom-web",
-        2,
-        work / "replicas",
-        port=free_port(),
-        replica_ports=[free_port(), free_port()],
-        args=args,
-        env={**os.environ, **env},
-    )
 
 
 def _infer(url: str, image: str, client: str) -> requests.Response:
@@ -93,7 +62,7 @@ def stack(tmp_path):
 def test_an_image_stays_on_one_replica_and_a_killed_replica_loses_nothing(stack):
     archive, work = stack
     series = [archive.series[f"ct{n}"] for n in range(IMAGES)]
-    with _cluster(work, archive) as cluster:
+    with replica_cluster(work, archive) as cluster:
         # next image: four annotators, asked round-robin across the replicas, get four images
         got = {}
         for n in range(CLIENTS):
@@ -198,7 +167,7 @@ def _status(replica) -> dict:
 def test_one_round_at_a_time_across_replicas_and_its_promotion_served_by_both(stack):
     archive, work = stack
     conf = {"train_steps": "40", "promote_min_gain": "-1", "promote_replay_margin": "1"}
-    with _cluster(work, archive, **conf) as cluster:
+    with replica_cluster(work, archive, **conf) as cluster:
         for n in (0, 1, 2):
             image = archive.series[f"ct{n}"]
             r = save_liver(cluster.url, image, _label(n), f"ann{n}")

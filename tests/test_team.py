@@ -16,28 +16,15 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import phantom
 from server import Server
+from team import CONF, IMAGES, LEASE_MINUTES, studies
 
 pytestmark = pytest.mark.server
-IMAGES = ("abdo1", "abdo2", "abdo3")
-LEASE_MINUTES = 0.1  # 6 s, so a test can wait one out
-CONF = {"weights": "seeded", "model_config": "segvol-tiny", "zoom_in": "false", "lease_minutes": str(LEASE_MINUTES)}
-
-
-def _studies(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for n, name in enumerate(IMAGES):
-        nib.save(
-            nib.Nifti1Image(phantom((48, 40, 12), seed=n), np.diag([2.0, 2.0, 5.0, 1.0])),
-            str(folder / f"{name}.nii.gz"),
-        )
-    return folder
 
 
 @pytest.fixture
 def server(tmp_path):
-    with Server(_studies(tmp_path / "studies"), CONF, tmp_path / "server.log") as srv:
+    with Server(studies(tmp_path / "studies"), CONF, tmp_path / "server.log") as srv:
         srv.studies = tmp_path / "studies"
         yield srv
 

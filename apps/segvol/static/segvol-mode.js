@@ -6,22 +6,20 @@
 // segmentation panel with its editing tools (brush, eraser, threshold brush, scissors) on the
 // labelmap that SegVol fills. Why these pieces, and the OHIF 3.10 bugs they avoid: README,
 // "Annotating in OHIF".
+//
+// What depends on the OHIF build (webpack module ids, OHIF's extension and service ids, the MONAI
+// Label panel's markup) is in ohif-shim.js, sent before this file: window.segvolOhif.
 (function () {
   'use strict';
   const config = window.config;
+  const ohif = window.segvolOhif;
+  if (!ohif) return console.error('[segvol-label] SegVol mode: ohif-shim.js was not loaded before segvol-mode.js');
   const ROUTE = 'segvol';
   const EXTENSION = '@segvol-label/extension';
-  const LABELMAP = '1'; // the segmentation the MONAI Label panel creates and fills
   const ANNOTATOR_KEY = 'segvol-label.annotator';
   const STRATEGY_KEY = 'segvol-label.strategy';
   const MAX_UNDO = 30;
-
-  // The bundle's own React: webpack's chunk runtime hands its require function to a pushed
-  // chunk's callback. 86326 is node_modules/react in this (pinned) build.
-  let webpackRequire = null;
-  (self.webpackChunk = self.webpackChunk || []).push([['segvol-label'], {}, r => (webpackRequire = r)]);
-  const React = () => webpackRequire(86326);
-  const cornerstoneTools = () => webpackRequire(55139); // @cornerstonejs/tools
+  const { currentSeries, labelmapData, segmentLabel, segmentsByName, setLabelmap } = ohif;
 
   const onSegVolPage = () => location.pathname.replace(/\/+$/, '').endsWith('/' + ROUTE);
 
@@ -82,38 +80,6 @@
   }
 
   // ------------------------------------------------------------------ the labelmap
-  const services = () => window.services;
-  const labelmapVolume = () => services()?.segmentationService.getLabelmapVolume(LABELMAP);
-
-  function currentSeries() {
-    const { displaySetService, viewportGridService } = services();
-    const { viewports, activeViewportId } = viewportGridService.getState();
-    const viewport = viewports.get(activeViewportId);
-    const uid = viewport?.displaySetInstanceUIDs?.[0];
-    const ds = uid ? displaySetService.getDisplaySetByUID(uid) : null;
-    return ds ? { series: ds.SeriesInstanceUID, study: ds.StudyInstanceUID } : null;
-  }
-
-  // segment number in the page <-> label name (the MONAI panel numbers segments by name rank)
-  function segmentsByName() {
-    const seg = services().segmentationService.getSegmentation(LABELMAP);
-    const out = {};
-    for (const s of Object.values(seg?.segments || {})) {
-      out[s.label] = s.segmentIndex;
-    }
-    return out;
-  }
-
-  function segmentLabel(index) {
-    const seg = services().segmentationService.getSegmentation(LABELMAP);
-    return seg?.segments?.[index]?.label;
-  }
-
-  function setLabelmap(data) {
-    labelmapVolume().voxelManager.setCompleteScalarDataArray(data);
-    cornerstoneTools().segmentation.triggerSegmentationEvents.triggerSegmentationDataModified(LABELMAP);
-  }
-
   // Edits are undone step by step: each settled change of the labelmap (a brush or eraser
   // stroke, a scissors cut, a SegVol result, an opened label) is kept as the voxels it changed.
   const history = {
@@ -146,7 +112,7 @@
     undo() {
       const step = this.steps.pop();
       if (!step) return false;
-      const data = labelmapVolume().voxelManager.getCompleteScalarDataArray();
+      const data = labelmapData();
       for (let n = 0; n < step.idx.length; n++) {
         data[step.idx[n]] = step.before[n];
         this.baseline[step.idx[n]] = step.before[n];
@@ -237,14 +203,14 @@
       setTimeout(() => {
         const name = this.labels[prompted];
         const index = name ? segmentsByName()[name] : null;
-        if (index) services().segmentationService.setActiveSegment(LABELMAP, index);
+        if (index) ohif.setActiveSegment(index);
         this.refresh();
       }, 300);
     },
 
     async nextImage() {
-      const vol = labelmapVolume();
-      if (vol && history.dirty(vol.voxelManager.getCompleteScalarDataArray())) {
+      const edited = labelmapData();
+      if (edited && history.dirty(edited)) {
         if (!window.confirm('This image has edits that are not saved. Leave it anyway?')) return;
       }
       this.set({ busy: 'next' });
@@ -274,10 +240,9 @@
     },
 
     async save() {
-      const vol = labelmapVolume();
+      const data = labelmapData();
       const where = currentSeries();
-      if (!vol || !where) return this.say('No segmentation yet: run a prompt first.', false);
-      const data = vol.voxelManager.getCompleteScalarDataArray();
+      if (!data || !where) return this.say('No segmentation yet: run a prompt first.', false);
       const present = new Set();
       for (let i = 0; i < data.length; i++) if (data[i]) present.add(data[i]);
       const values = [...present].sort((a, b) => a - b);
@@ -313,8 +278,7 @@
 
     async open(entry) {
       const where = currentSeries();
-      const vol = labelmapVolume();
-      if (!where || !vol) return this.say('Connect the MONAI Label panel first (it creates the labelmap).', false);
+      if (!where || !labelmapData()) return this.say('Connect the MONAI Label panel first (it creates the labelmap).', false);
       this.set({ busy: 'open' });
       try {
         const q = new URLSearchParams({ image: where.series });
@@ -329,7 +293,7 @@
           else missing.push(name);
         }
         const raw = new Uint8Array(body);
-        const data = vol.voxelManager.getCompleteScalarDataArray();
+        const data = labelmapData();
         if (raw.length !== data.length) throw new Error(`the label has ${raw.length} voxels, the image ${data.length}`);
         for (let i = 0; i < raw.length; i++) data[i] = lut[raw[i]];
         setLabelmap(data);
@@ -369,35 +333,19 @@
     },
   };
   window.segvolWorkspace = workspace;
+  ohif.onProblem(problem => workspace.say(`This OHIF does not fit the SegVol mode: ${problem}`, false));
 
   // ------------------------------------------------------------------ page upkeep
-  // The labelmap on every viewport of the layout (the MONAI panel adds it to the active one only,
-  // and a brush on a viewport without it paints nothing); MONAI panel connected to this server.
+  // The labelmap on every viewport of the layout; MONAI Label's panel connected to this server.
   function upkeep() {
-    if (!onSegVolPage() || !services()) return;
-    const { segmentationService, viewportGridService } = services();
-    if (segmentationService.getSegmentation(LABELMAP)) {
-      for (const [viewportId] of viewportGridService.getState().viewports) {
-        const reps = segmentationService.getSegmentationRepresentations(viewportId, { segmentationId: LABELMAP });
-        if (!reps || !reps.length) {
-          segmentationService.addSegmentationRepresentation(viewportId, { segmentationId: LABELMAP });
-        }
-      }
-    }
-    const panel = document.querySelector('.monaiLabelPanel');
-    const tried = Number(panel?.dataset.segvolConnected || 0);
-    if (panel && !panel.querySelector('.subtitle') && Date.now() - tried > 10000) {
-      panel.dataset.segvolConnected = String(Date.now()); // again in 10 s if the server did not answer
-      const input = panel.querySelector('#monailabelServerURL');
-      if (input) input.value = serverUrl();
-      panel.querySelector('table.settingsTable button.actionButton')?.click();
-    }
+    if (!onSegVolPage() || !ohif.services()) return;
+    ohif.showLabelmapEverywhere();
+    ohif.connectMonaiLabel(serverUrl());
   }
 
-  // The MONAI Label panel talks to the server in this cookie (it reads it when it mounts, and its
-  // first connect uses it): the server that serves this page.
+  // MONAI Label's panel talks to the server that serves this page.
   const serverUrl = () => location.origin + '/';
-  const pointPanelAtUs = () => (document.cookie = 'MONAILABEL_SERVER_URL=' + escape(serverUrl()));
+  const pointPanelAtUs = () => ohif.pointMonaiLabelAt(serverUrl());
   if (onSegVolPage()) pointPanelAtUs();
 
   // A change is recorded once it settles: not while the mouse is down (a stroke in progress).
@@ -407,24 +355,19 @@
   function settle() {
     clearTimeout(settleTimer);
     settleTimer = setTimeout(() => {
-      const vol = labelmapVolume();
-      if (!vol) return;
+      const data = labelmapData();
+      if (!data) return;
       if (mouseDown) {
         pending = true;
         return;
       }
       pending = false;
-      if (history.record(vol.voxelManager.getCompleteScalarDataArray())) {
+      if (history.record(data)) {
         workspace.set({ canUndo: history.steps.length > 0 });
       }
     }, 250);
   }
-  function watchEdits() {
-    const { segmentationService } = services();
-    segmentationService.subscribe(segmentationService.EVENTS.SEGMENTATION_DATA_MODIFIED, ({ segmentationId }) => {
-      if (segmentationId === LABELMAP) settle();
-    });
-  }
+  const watchEdits = () => ohif.onLabelmapModified(settle);
   document.addEventListener('mousedown', () => (mouseDown = true), true);
   document.addEventListener(
     'mouseup',
@@ -443,7 +386,7 @@
 
   // ------------------------------------------------------------------ the panel
   function WorkspacePanel() {
-    const { createElement: h, useEffect, useState } = React();
+    const { createElement: h, useEffect, useState } = ohif.react();
     const [state, setState] = useState({ ...workspace.state });
     const [name, setName] = useState(annotator());
     useEffect(() => {
@@ -635,7 +578,7 @@
   // ------------------------------------------------------------------ tools and buttons
   // Editing tools (the names are cornerstone3D's; the Segmentation mode wires the same ones).
   function initToolGroups(extensionManager, toolGroupService) {
-    const { toolNames, Enums } = extensionManager.getModuleEntry('@ohif/extension-cornerstone.utilityModule.tools').exports;
+    const { toolNames, Enums } = ohif.toolNames(extensionManager);
     const brush = (toolName, activeStrategy) => ({ toolName, parentTool: 'Brush', configuration: { activeStrategy } });
     const tools = () => ({
       active: [
@@ -772,26 +715,14 @@
   const extension = {
     id: EXTENSION,
     getPanelModule: () => [
-      { name: 'workspace', iconName: 'tab-segmentation', iconLabel: 'SegVol', label: 'SegVol', component: WorkspacePanel },
+      // the workspace, or why it cannot run on this OHIF (ohif-shim.js)
+      { name: 'workspace', iconName: 'tab-segmentation', iconLabel: 'SegVol', label: 'SegVol', component: ohif.guard(WorkspacePanel) },
     ],
   };
 
   // OHIF loads a mode's dependencies by name; ours is registered at start (config.extensions)
-  const dependencies = {
-    '@ohif/extension-default': '^3.0.0',
-    '@ohif/extension-cornerstone': '^3.0.0',
-    '@ohif/extension-cornerstone-dicom-seg': '^3.0.0',
-    '@ohif/extension-monai-label': '^3.0.0',
-  };
-
-  const hideStockActiveLearning = () => {
-    if (document.getElementById('segvol-style')) return;
-    const style = document.createElement('style');
-    style.id = 'segvol-style';
-    // the stock "Active Learning" tab: our workspace replaces it (real round status, leases)
-    style.textContent = '.monaiLabelPanel .tab:has(> #tab-1) { display: none; }';
-    document.head.appendChild(style);
-  };
+  const dependencies = ohif.EXTENSIONS;
+  const { IDS } = ohif;
 
   function modeFactory() {
     return {
@@ -799,26 +730,25 @@
       routeName: ROUTE,
       displayName: 'SegVol annotation',
       onModeEnter: ({ servicesManager, extensionManager }) => {
+        ohif.enterMode(servicesManager, extensionManager); // says loudly what does not fit this OHIF
         const { measurementService, toolbarService, toolGroupService } = servicesManager.services;
         measurementService.clearMeasurements();
-        initToolGroups(extensionManager, toolGroupService);
+        try {
+          initToolGroups(extensionManager, toolGroupService);
+        } catch (e) {
+          ohif.fail(`the editing tools were not set up: ${e.message}`);
+        }
         toolbarService.addButtons(BUTTONS);
         toolbarService.createButtonSection('primary', ['WindowLevel', 'Pan', 'Zoom', 'Layout', 'Crosshairs']);
         toolbarService.createButtonSection('segmentationToolbox', ['BrushTools', 'Shapes']);
-        hideStockActiveLearning();
+        ohif.hideStockActiveLearning();
         pointPanelAtUs();
         watchEdits();
         workspace.upkeep = setInterval(upkeep, 700);
       },
       onModeExit: ({ servicesManager }) => {
         clearInterval(workspace.upkeep);
-        const s = servicesManager.services;
-        s.uiDialogService.dismissAll();
-        s.uiModalService.hide();
-        s.toolGroupService.destroy();
-        s.syncGroupService.destroy();
-        s.segmentationService.destroy();
-        s.cornerstoneViewportService.destroy();
+        ohif.exitMode(servicesManager);
       },
       validationTags: { study: [], series: [] },
       isValidMode: ({ modalities }) => ({
@@ -829,28 +759,20 @@
         {
           path: ROUTE,
           layoutTemplate: () => ({
-            id: '@ohif/extension-default.layoutTemplateModule.viewerLayout',
+            id: IDS.layout,
             props: {
-              leftPanels: [`${EXTENSION}.panelModule.workspace`, '@ohif/extension-default.panelModule.seriesList'],
-              rightPanels: [
-                '@ohif/extension-monai-label.panelModule.monailabel',
-                '@ohif/extension-cornerstone.panelModule.panelSegmentationWithTools',
-              ],
+              leftPanels: [`${EXTENSION}.panelModule.workspace`, IDS.seriesList],
+              rightPanels: [IDS.monaiLabelPanel, IDS.segmentationPanel],
               leftPanelClosed: false,
               rightPanelClosed: false,
-              viewports: [
-                {
-                  namespace: '@ohif/extension-cornerstone.viewportModule.cornerstone',
-                  displaySetsToDisplay: ['@ohif/extension-default.sopClassHandlerModule.stack'],
-                },
-              ],
+              viewports: [{ namespace: IDS.viewport, displaySetsToDisplay: [IDS.stack] }],
             },
           }),
         },
       ],
       extensions: dependencies,
       hangingProtocol: 'mpr',
-      sopClassHandlers: ['@ohif/extension-default.sopClassHandlerModule.stack'],
+      sopClassHandlers: [IDS.stack],
       hotkeys: [],
     };
   }

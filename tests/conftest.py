@@ -32,6 +32,16 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_app(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """``python apps/segvol ...`` (the app's own commands: round, preannotate) as a user runs it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(ROOT / "apps" / "segvol"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"apps/segvol {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture(scope="session")
 def seeded_dir() -> Path:
     """Seed-0 checkpoint in both official formats (generated once, about 40 s and 1.4 GB)."""

@@ -151,9 +151,10 @@ def test_new_labels_are_counted_with_qido_alone(stack, tmp_path):
     from dicomweb_client.session_utils import create_session_from_user_pass
     from monailabel.datastore.dicom import DICOMwebClientX
 
-    from lib.datastores import SegVolDICOMWebDatastore
-    from lib.serving.host import SegVolService
+    from lib.datastores import SegVolDICOMWebDatastore, wiring
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
 
     archive, _, _ = stack
     calls = []
@@ -164,8 +165,10 @@ def test_new_labels_are_counted_with_qido_alone(stack, tmp_path):
             return super()._http_get(url, *args, **kwargs)
 
     client = Recording(url=f"{archive.url}/dicom-web", session=create_session_from_user_pass(USER, PASSWORD))
-    service = SegVolService(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
-    store = SegVolDICOMWebDatastore(service, client=client, search_filter={"Modality": "CT"}, cache_path=str(tmp_path))
+    service = ModelHost(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
+    store = SegVolDICOMWebDatastore(
+        **wiring(service, Team(0)), client=client, search_filter={"Modality": "CT"}, cache_path=str(tmp_path)
+    )
     calls.clear()
     keys = store.label_keys()
     assert len(keys) == len(archive.segs_series())

@@ -2,7 +2,7 @@
 
 The two-process round runs as the server's train task runs it with ``train_processes 2``: this
 process holds train.lock and launches ``python -m torch.distributed.run --nproc_per_node 2
-apps/segvol/round.py``; each process encodes half of the images and computes half of every batch.
+apps/segvol round --lock-held``; each process encodes half of the images and computes half of every batch.
 
 Tolerances, from measurements on this config (8 steps of batch 4, lr 3e-3, one thread per process
 in both runs, as torchrun gives its workers): losses and Dice came out identical; the weights
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import write_phantoms
+
+from phantoms import write_phantoms
 
 APP = Path(__file__).resolve().parent.parent / "apps" / "segvol"
 CONF = {

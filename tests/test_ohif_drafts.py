@@ -1,4 +1,4 @@
-"""A pre-annotated archive as an annotator meets it (real Orthanc, `python -m segvol preannotate` on a
+"""A pre-annotated archive as an annotator meets it (real Orthanc, `python apps/segvol preannotate` on a
 local Ray, a real MONAI Label server, OHIF's SegVol mode in Chromium): the draft is listed as a
 draft, opens on the CT at the draft's voxels, and saved unedited becomes the image's final label,
 AUTOMATIC (the draft was recorded as a served result) and signed by the annotator."""
@@ -13,17 +13,18 @@ import pytest
 import requests
 
 from archive import PASSWORD, USER, Archive, dciodvfy_errors, dicomweb_server
-from conftest import run_cli
-from test_ohif import CHROMIUM_ARGS, chromium
-from test_ohif_team import (
-    _index_instances,
-    _open_mode,
-    _page_labelmap,
-    _phantom_studies,
-    _seg,
-    _seg_labelmap,
-    _set_annotator,
-    _shape_of,
+from conftest import run_app
+from ohif import (
+    CHROMIUM_ARGS,
+    chromium,
+    index_instances,
+    open_mode,
+    page_labelmap,
+    phantom_studies,
+    seg_labelmap,
+    seg_of,
+    set_annotator,
+    shape_of,
 )
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,7 @@ def _preannotate(archive: Archive, work) -> None:
             env.setenv("MONAI_LABEL_DICOMWEB_USERNAME", USER)
             env.setenv("MONAI_LABEL_DICOMWEB_PASSWORD", PASSWORD)
             env.setenv("RAY_TMPDIR", ray_tmp)
-            proc = run_cli(
+            proc = run_app(
                 *("preannotate", "--studies", f"{archive.url}/dicom-web", "--categories", "liver"),
                 *("--workers", "1", "--cpus", "2", "--weights", "seeded", "--model-config", "segvol-tiny"),
                 *("--no-zoom-in", "--versions-dir", str(work / "versions"), "--cache", str(work / "ray-cache")),
@@ -50,7 +51,7 @@ def _preannotate(archive: Archive, work) -> None:
 def test_a_draft_opens_in_ohif_and_saved_unedited_is_the_final_label(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    with Archive(tmp_path / "orthanc", studies=_phantom_studies(tmp_path / "studies")) as archive:
+    with Archive(tmp_path / "orthanc", studies=phantom_studies(tmp_path / "studies")) as archive:
         _preannotate(archive, tmp_path)
         image = archive.series["abdomen1"]
         (draft,) = archive.segs(image)
@@ -62,25 +63,25 @@ def test_a_draft_opens_in_ohif_and_saved_unedited_is_the_final_label(tmp_path):
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.annotator = "Ada Lovelace"
-            _open_mode(page, srv, archive.study_of(image), image)
-            _set_annotator(page)
+            open_mode(page, srv, archive.study_of(image), image)
+            set_annotator(page)
             entry = page.locator("#segvol-history li").first
             entry.filter(has_text="DRAFT").wait_for(timeout=30_000)
             entry.locator("button").click()
             page.locator("#segvol-message").filter(has_text="Opened the draft").wait_for(timeout=60_000)
 
-            shape = _shape_of(archive, image)
-            _index_instances(archive, image)
-            in_page = _page_labelmap(page, shape)
+            shape = shape_of(archive, image)
+            index_instances(archive, image)
+            in_page = page_labelmap(page, shape)
             assert (in_page == "liver").sum() > 0
-            np.testing.assert_array_equal(_seg_labelmap(draft, shape), in_page)
+            np.testing.assert_array_equal(seg_labelmap(draft, shape), in_page)
 
             with page.expect_response(lambda r: "/datastore/label" in r.url, timeout=120_000) as resp:
                 page.locator("#segvol-save").click()
             assert resp.value.status == 200, resp.value.text()
             page.locator("#segvol-message").filter(has_text="Saved to the archive").wait_for(timeout=30_000)
-            final = _seg(archive, image, resp.value.json()["SeriesInstanceUID"])
-            np.testing.assert_array_equal(_seg_labelmap(final, shape), in_page)
+            final = seg_of(archive, image, resp.value.json()["SeriesInstanceUID"])
+            np.testing.assert_array_equal(seg_labelmap(final, shape), in_page)
             (segment,) = final.SegmentSequence
             assert (segment.SegmentLabel, segment.SegmentAlgorithmType) == ("liver", "AUTOMATIC")
             assert str(final.ContentCreatorName) == "Lovelace^Ada" and final.get("ContentLabel") != "DRAFT"

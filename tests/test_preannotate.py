@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from archive import PASSWORD, USER, Archive, dciodvfy_errors, foreign_seg, orthanc
-from conftest import SHARED, run_cli
+from conftest import SHARED, run_app
 
 sys.path.insert(0, str(SHARED / "tools"))
 from phantom import make_phantom  # noqa: E402
@@ -65,7 +65,7 @@ def _preannotate(archive: Archive, work: Path) -> tuple[object, list[str]]:
         env.setenv("MONAI_LABEL_DICOMWEB_USERNAME", USER)
         env.setenv("MONAI_LABEL_DICOMWEB_PASSWORD", PASSWORD)
         env.setenv("RAY_TMPDIR", ray_tmp)
-        proc = run_cli(
+        proc = run_app(
             "preannotate",
             "--studies",
             f"{archive.url}/dicom-web",
@@ -163,16 +163,19 @@ def test_a_draft_is_not_a_final_label_for_rounds_nor_for_the_next_image(runs, tm
     from monailabel.datastore.dicom import DICOMwebClientX
 
     from lib.archive.seg import Segment, write_seg
-    from lib.datastores import SegVolDICOMWebDatastore
-    from lib.serving.host import SegVolService
+    from lib.datastores import SegVolDICOMWebDatastore, wiring
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
     from segvol.vocabulary import default_vocabulary
 
     archive = runs["archive"]
     images = {*archive.series.values(), runs["corrupt"]}
     client = DICOMwebClientX(url=f"{archive.url}/dicom-web", session=create_session_from_user_pass(USER, PASSWORD))
-    service = SegVolService(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
-    store = SegVolDICOMWebDatastore(service, client=client, search_filter={"Modality": "CT"}, cache_path=str(tmp_path))
+    service = ModelHost(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
+    store = SegVolDICOMWebDatastore(
+        **wiring(service, Team(0)), client=client, search_filter={"Modality": "CT"}, cache_path=str(tmp_path)
+    )
     assert store.get_labeled_images() == [] and set(store.get_unlabeled_images()) == images
     assert store.datalist() == [] and store.label_keys() == set()
     image = archive.series["phantom1"]
@@ -197,17 +200,18 @@ def test_a_draft_is_not_a_final_label_for_rounds_nor_for_the_next_image(runs, tm
 
 
 def test_a_draft_in_a_folder_is_the_original_label_never_the_final_one(tmp_path):
-    from lib.datastores import SegVolLocalDatastore
+    from lib.datastores import SegVolLocalDatastore, wiring
     from lib.labels.checks import LabelPart
-    from lib.serving.host import SegVolService
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
     from segvol.vocabulary import default_vocabulary
 
     image, _, affine = make_phantom(SHAPE, (4.0, 4.0, 8.0), seed=1)
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct1.nii.gz"))
     nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "ct2.nii.gz"))
-    service = SegVolService(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
-    store = SegVolLocalDatastore(service, str(tmp_path), extensions=("*.nii.gz",))
+    service = ModelHost(AppSettings.from_conf({"weights": "seeded"}, tmp_path / "model"))
+    store = SegVolLocalDatastore(str(tmp_path), **wiring(service, Team(0)), extensions=("*.nii.gz",))
     label = np.zeros(SHAPE, np.uint8)
     label[20:40, 10:30, 3:9] = 1
     liver = default_vocabulary().resolve("liver").category
@@ -218,7 +222,9 @@ def test_a_draft_in_a_folder_is_the_original_label_never_the_final_one(tmp_path)
     assert store.get_labeled_images() == [] and sorted(store.get_unlabeled_images()) == ["ct1", "ct2"]
     assert store.datalist() == [] and store.label_keys() == set()
     # a second process's datastore, opened before the draft of ct2, keeps it when it saves its own
-    other = SegVolLocalDatastore(service, str(tmp_path), extensions=("*.nii.gz",))
+    other = SegVolLocalDatastore(str(tmp_path), **wiring(service, Team(0)), extensions=("*.nii.gz",))
     store.store_draft("ct2", label, [LabelPart(1, "liver", liver)], "SegVol pre-annotation", "v")
     other.store_draft("ct1", label, [LabelPart(1, "liver", liver)], "SegVol pre-annotation", "v")
-    assert SegVolLocalDatastore(service, str(tmp_path), extensions=("*.nii.gz",)).annotated_images() == {"ct1", "ct2"}
+    assert SegVolLocalDatastore(
+        str(tmp_path), **wiring(service, Team(0)), extensions=("*.nii.gz",)
+    ).annotated_images() == {"ct1", "ct2"}

@@ -11,48 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED
+from phantoms import write_phantoms
 
-sys.path.insert(0, str(SHARED / "tools"))
-from phantom import make_phantom  # noqa: E402
-
-# phantom liver -> "liver" (1). One category: the tiny random model (64 wide, random CLIP) does not
-# learn to tell two categories apart by text within a CI-sized round (measured: Dice 0.05 -> 0.07).
-VOCAB_VALUE = {1: 1}
 ROUND = {"steps": 300, "lr": 3e-3}
 # The tiny random model's answers for other categories are noise-like and move easily, so the
 # replay margin here is wider than the default 0.1 meant for the trained model.
 CONF = {"weights": "seeded", "model_config": "segvol-tiny", "device": "cpu", "promote_replay_margin": "0.25"}
 
 
-def write_phantoms(folder: Path, n: int, labelled: bool = True) -> list[str]:
-    """n phantom CTs (80 x 72 x 20) with liver labels in the app's values."""
-    (folder / "labels" / "final").mkdir(parents=True, exist_ok=True)
-    ids = []
-    for seed in range(n):
-        image, label, affine = make_phantom((80, 72, 20), (1.5, 1.5, 5.0), seed=seed)
-        name = f"phantom{seed}"
-        nib.save(nib.Nifti1Image(image, affine), str(folder / f"{name}.nii.gz"))
-        if labelled:
-            mapped = np.zeros(label.shape, np.uint8)
-            for src, dst in VOCAB_VALUE.items():
-                mapped[label == src] = dst
-            nib.save(nib.Nifti1Image(mapped, affine), str(folder / "labels" / "final" / f"{name}.nii.gz"))
-        ids.append(name)
-    return ids
-
-
 @pytest.fixture
 def app_parts(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.serving.host import SegVolService
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
     from lib.trainers.decoder import SegVolDecoderTrainer
 
     write_phantoms(tmp_path / "studies", 5)
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
-    service = SegVolService(settings)
+    service = ModelHost(settings)
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
     return service, datastore, SegVolDecoderTrainer(service)
 
@@ -121,7 +98,7 @@ def test_a_damaged_version_is_refused_and_the_served_one_stays(app_parts):
 
 
 def test_a_round_killed_while_writing_leaves_nothing_behind(app_parts, monkeypatch):
-    from segvol import versions
+    from segvol.training import versions
 
     service, datastore, trainer = app_parts
 
@@ -195,13 +172,14 @@ def test_a_second_round_reuses_the_encodings_of_the_first(app_parts):
 def test_a_round_needs_two_labelled_images_and_keeps_the_sides_apart(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.serving.host import SegVolService
+    from lib.rounds.round import split
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
-    from lib.trainers.decoder import SegVolDecoderTrainer, split
+    from lib.trainers.decoder import SegVolDecoderTrainer
 
     write_phantoms(tmp_path / "studies", 1)
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
-    trainer = SegVolDecoderTrainer(SegVolService(settings))
+    trainer = SegVolDecoderTrainer(ModelHost(settings))
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
     result = trainer(dict(ROUND), datastore)
     assert result["status"] == "skipped" and "two labelled images" in result["reason"]
@@ -213,7 +191,7 @@ def test_a_round_needs_two_labelled_images_and_keeps_the_sides_apart(tmp_path):
 
 
 def test_versions_from_the_command_line(app_parts):
-    from conftest import run_cli
+    from conftest import run_app, run_cli
 
     service, datastore, trainer = app_parts
     assert trainer(dict(ROUND), datastore)["status"] == "promoted"
@@ -229,6 +207,9 @@ def test_versions_from_the_command_line(app_parts):
     assert service.versions.active() == "v0002"
     assert "v0001 is active again" in run_cli("versions", "rollback", "--dir", root, check=True).stdout
     assert service.versions.active() == "v0001"
+    # the app's command finds the folder from the server's --conf, and runs the same command there
+    from_app = run_app("versions", "list", "--conf", "versions_dir", root, check=True).stdout
+    assert from_app.splitlines()[2].startswith("* v0001"), from_app
     weights = service.versions.root / "v0002" / "decoder.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     bad = run_cli("versions", "activate", "v0002", "--dir", root)
@@ -241,15 +222,16 @@ def test_next_sample_prefers_the_least_certain_image(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
     from lib.activelearning.uncertainty import Uncertainty
-    from lib.serving.host import SegVolService
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.unreadable import Unreadable
 
     write_phantoms(tmp_path / "studies", 4, labelled=False)
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
-    service = SegVolService(settings)
+    service = ModelHost(settings)
     service.load()
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
-    strategy = Uncertainty(service)
+    strategy = Uncertainty(service, Unreadable())
     pick = strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)
     scores = pick["uncertainty"]
     assert set(scores) == {f"phantom{i}" for i in range(4)} and pick["categories"] == ["liver"]
@@ -311,18 +293,18 @@ def round_parts(folder: Path, tmp_path: Path, **conf: str):
     """service, datastore and train task on the phantoms already written (and edited) in ``folder``."""
     from monailabel.datastore.local import LocalDatastore
 
-    from lib.serving.host import SegVolService
+    from lib.serving.host import ModelHost
     from lib.settings import AppSettings
     from lib.trainers.decoder import SegVolDecoderTrainer
 
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions"), **conf), tmp_path / "model")
-    service = SegVolService(settings)
+    service = ModelHost(settings)
     datastore = LocalDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False)
     return service, datastore, SegVolDecoderTrainer(service)
 
 
 def sides(ids: list[str]) -> tuple[list[str], list[str]]:
-    from lib.trainers.decoder import split
+    from lib.rounds.round import split
 
     train, held = split([(i, "", "", "") for i in ids])
     return [t[0] for t in train], [h[0] for h in held]
@@ -436,3 +418,44 @@ def test_a_box_or_points_of_an_empty_target_are_refused_by_name():
     one = empty.clone()
     one[1, 2, 3] = 1
     assert _box(one, rng, 0.0)[:3] <= [1.0, 2.0, 3.0] and _points(one, rng)[0][0] == [1, 2, 3]
+
+
+def test_a_round_from_the_command_line(tmp_path):
+    """``python apps/segvol round``: the model host and datastore built from --studies and --conf
+    (no app), rank 0's result as JSON; a refused request exits 2 and names the parameter."""
+    from conftest import run_app
+
+    write_phantoms(tmp_path / "studies", 3)
+    conf = dict(CONF, versions_dir=str(tmp_path / "versions"), zoom_in="false")
+    args = ["round", "--studies", str(tmp_path / "studies"), *(x for k, v in conf.items() for x in ("--conf", k, v))]
+    result = json.loads(run_app(*args, "--steps", "2", check=True).stdout)
+    assert result["version"] == "v0001" and result["steps"] == 2 and result["processes"] == 1, result
+    assert (tmp_path / "versions" / "v0001" / "meta.json").is_file()
+    refused = run_app(*args, "--steps", "0")
+    assert refused.returncode == 2 and "steps = 0" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_the_schedule_counts_new_final_labels_against_the_last_round(tmp_path):
+    from lib.rounds.schedule import RoundSchedule
+    from lib.settings import AppSettings
+    from segvol.training.versions import VersionStore
+
+    class Labels:
+        keys = {"a", "b"}
+
+        def label_keys(self) -> set[str]:
+            return set(self.keys)
+
+    labels = Labels()
+    store = VersionStore(tmp_path / "versions")
+    settings = AppSettings.from_conf({"train_after_labels": "2"}, tmp_path / "model")
+    started = []
+    schedule = RoundSchedule(settings, store, lambda: labels, lambda: started.append(1))
+    assert schedule.new_final_labels() == 2
+    store.write({"mask_decoder.x": torch.zeros(1)}, {"labels": [{"image": "i", "label": "a", "held_out": False}]})
+    assert schedule.new_final_labels() == 1
+    schedule.labels_saved()
+    assert started == []  # one new label: below train_after_labels
+    labels.keys = {"a", "b", "c"}
+    schedule.labels_saved()
+    assert started == [1]

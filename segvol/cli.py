@@ -290,9 +290,7 @@ def _versions_parser(sub: Subparsers) -> None:
     v.set_defaults(run=cmd_versions)
     v.add_argument("action", choices=("list", "show", "activate", "rollback"))
     v.add_argument("name", nargs="?", help="a version (vNNNN) or 'base', for show and activate")
-    v.add_argument(
-        "--dir", type=Path, default=Path("apps/segvol/model/versions"), help="the versions folder (the app's default)"
-    )
+    v.add_argument("--dir", type=Path, required=True, help="the versions folder (a server's --conf versions_dir)")
     v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
 
 

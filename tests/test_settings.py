@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.serving.host import SegVolService
+from lib.serving.host import ModelHost
 from lib.settings import AppSettings, ConfError
 
 CONF = {"weights": "seeded", "model_config": "segvol-tiny", "device": "cpu"}
@@ -14,7 +14,7 @@ def test_engine_settings_reach_the_predictor(tmp_path):
     conf = dict(
         CONF, cache_mb="64", window_batch="2", decode_batch="3", precision="bf16", zoom_in="false", overlap="0.25"
     )
-    service = SegVolService(AppSettings.from_conf(conf, tmp_path / "model"))
+    service = ModelHost(AppSettings.from_conf(conf, tmp_path / "model"))
     service.load()
     p = service.wait(timeout=60)
     got = (p.cache_mb, p.window_batch, p.decode_batch, p.precision, p.zoom_in, p.overlap)

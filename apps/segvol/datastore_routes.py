@@ -29,10 +29,15 @@ from monailabel.endpoints.user.auth import User, get_current_user
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.utils.app import app_instance
 
+from lib.labels.uploads import UploadError, UploadTooLarge, check_image
+from lib.paths import PathError, inside, new_id
+from lib.paths import tag as checked_tag
+from lib.serving.limits import check_json_text, check_sizes
+from lib.serving.validation import RequestError, params_object
+from lib.team.access import Action, Forbidden, Policy
+
 
 def _policy():
-    from lib.team.access import Policy
-
     return Policy(settings.MONAI_LABEL_AUTH_ENABLE, app_instance().service.settings.datastore_changes)
 
 
@@ -41,8 +46,6 @@ def allowed(action_name: str):
     refused with 403 naming what would allow it when the policy says no."""
 
     async def check(user: Annotated[User, Security(get_current_user)]) -> User:
-        from lib.team.access import Action, Forbidden
-
         try:
             _policy().check(Action[action_name], user.roles)
         except Forbidden as e:
@@ -63,9 +66,6 @@ def _bad(e: Exception, status: int = 400) -> HTTPException:
 
 
 def _params(text: str, what: str = "params") -> dict:
-    from lib.serving.limits import check_json_text, check_sizes
-    from lib.serving.validation import RequestError, params_object
-
     try:
         check_json_text(text, what)
         value = params_object(text, what)
@@ -111,9 +111,6 @@ def known_image(image: str) -> str:
 
 
 def _tag(tag: str) -> str:
-    from lib.paths import PathError
-    from lib.paths import tag as checked_tag
-
     try:
         return checked_tag(tag)
     except PathError as e:
@@ -121,8 +118,6 @@ def _tag(tag: str) -> str:
 
 
 def _file(path: str, what: str, check_only: bool) -> Response:
-    from lib.paths import PathError, inside
-
     store = app_instance().datastore()
     try:
         real = inside(store.root, path) if path else None
@@ -177,11 +172,11 @@ def save_label(
     instance = app_instance()
     path = spool(label, _max_bytes())
     try:
-        label_id = instance.datastore().save_label(known_image(image), str(path), _tag(tag or "final"), save_params)
-        result = instance.on_save_label(image, label_id) or {}
+        saved = instance.datastore().save(known_image(image), str(path), _tag(tag or "final"), save_params)
+        result = instance.on_save_label(image, saved.image) or {}
     finally:
         path.unlink(missing_ok=True)
-    return dict(result, image=image, label=label_id)
+    return dict(result, **saved.report(), image=image, label=saved.image)
 
 
 @app.delete("/datastore/label", summary="Delete a label (admin; off without sign-in)")
@@ -213,9 +208,6 @@ def add_image(
     params: Annotated[str, Form()] = "{}",
     file: Annotated[UploadFile, File()] = ...,
 ) -> dict:
-    from lib.labels.uploads import UploadError, UploadTooLarge, check_image
-    from lib.paths import PathError, new_id
-
     info = _params(params)
     try:
         image_id = new_id(image if image is not None else Path(file.filename or "").name.split(".")[0])

@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from pathlib import Path
+from functools import cached_property
 
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.tasks.activelearning.first import First
 
 import segvol
+from lib.activelearning.random_strategy import RandomStrategy
+from lib.activelearning.uncertainty import Uncertainty
+from lib.compat.app import AppAccess
 from lib.configs.segvol import SegVolTaskConfig
-from lib.datastores import SegVolDICOMWebDatastore, open_datastore
+from lib.datastores import open_datastore
+from lib.rounds.schedule import RoundSchedule
+from lib.serving.host import ModelHost
 from lib.serving.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
 from lib.team.identity import IdentityError, client_of
 from lib.team.leases import WithoutImages
+from lib.team.team import Team
 from segvol.io import ImageReadError
 
 log = logging.getLogger(__name__)
 
 
-class SegVolApp(MONAILabelApp):
+class SegVolApp(AppAccess, MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict) -> None:
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
@@ -47,16 +52,20 @@ class SegVolApp(MONAILabelApp):
         )
 
     @property
-    def service(self):
+    def service(self) -> ModelHost:
         return self.task_config.service
+
+    @property
+    def team(self) -> Team:
+        return self.task_config.team
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             self.studies = self.studies.rstrip("/").strip()
         cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
-        store = open_datastore(self.service, self.studies, cache_path, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
-        team_db = self.service.settings.team_db or Path(store._datastore_path) / ".segvol" / "team.sqlite"
-        self.service.attach_store(team_db)
+        team = self.team
+        store = open_datastore(self.service, team, self.studies, cache_path, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+        team.open(self.service.settings.team_db or store.root / ".segvol" / "team.sqlite")
         return store
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -64,12 +73,11 @@ class SegVolApp(MONAILabelApp):
 
     def init_strategies(self) -> dict:
         """``uncertainty`` first: OHIF's panel and our Next image use the first as the default."""
-        from monailabel.tasks.activelearning.first import First
-
-        from lib.activelearning.random_strategy import RandomStrategy
-        from lib.activelearning.uncertainty import Uncertainty
-
-        return {"uncertainty": Uncertainty(self.service), "random": RandomStrategy(), "first": First()}
+        return {
+            "uncertainty": Uncertainty(self.service, self.team.unreadable),
+            "random": RandomStrategy(),
+            "first": First(),
+        }
 
     def next_sample(self, request: dict) -> dict:
         """The strategy's pick among the images no other annotator holds, leased to the asking
@@ -80,16 +88,16 @@ class SegVolApp(MONAILabelApp):
             raise HTTPException(status_code=e.status, detail=str(e)) from e
         self._check_labels(request.get("labels"))
         name = request.get("strategy") or "uncertainty"
-        strategy = self._strategies.get(name)
+        strategy = self.strategies.get(name)
         if strategy is None:
             raise HTTPException(
-                status_code=404, detail=f"no strategy {name!r}; available: {', '.join(self._strategies)}"
+                status_code=404, detail=f"no strategy {name!r}; available: {', '.join(self.strategies)}"
             )
-        candidates = WithoutImages(self.datastore(), self.service.unreadable.ids())
-        result, note = self.service.leases.next_image(client, strategy, request, candidates, self.readable)
+        candidates = WithoutImages(self.datastore(), self.team.unreadable.ids())
+        result, note = self.team.leases.next_image(client, strategy, request, candidates, self.readable)
         if result is None:
             return {}
-        result["path"] = self._datastore.get_image_uri(result["id"])
+        result["path"] = self.datastore().get_image_uri(result["id"])
         result["client_id"] = client
         if note:
             result["note"] = note
@@ -113,7 +121,7 @@ class SegVolApp(MONAILabelApp):
     def readable(self, image_id: str) -> bool:
         """Whether the image can be read (a folder's file may be truncated or not a volume); one
         that cannot is listed once (log and /segvol/status) and skipped by every strategy."""
-        unreadable = self.service.unreadable
+        unreadable = self.team.unreadable
         if unreadable.has(image_id):
             return False
         try:
@@ -130,50 +138,28 @@ class SegVolApp(MONAILabelApp):
         """The server process only (a training subprocess builds the app too, and must not send
         pending SEGs or start the scheduler a second time)."""
         super().on_init_complete()
-        if isinstance(self._datastore, SegVolDICOMWebDatastore):
+        outbox = getattr(self.datastore(), "outbox", None)
+        if outbox is not None:
             try:
-                self._datastore.flush_pending()
+                outbox.flush()
             except HTTPException as e:
                 log.warning("pending SEGs stay pending: %s", e.detail)
         self.service.start()
-        minutes = self.service.settings.train_every_minutes
-        if minutes > 0:
-            threading.Thread(target=self._scheduled_rounds, args=(minutes,), name="segvol-rounds", daemon=True).start()
+        self.rounds.start()
 
-    def new_final_labels(self) -> int:
-        """Labels the last round did not use (on DICOMweb: SEG series, counted with QIDO only)."""
-        store = self.service.versions
-        names = store.names()
-        used = {x.get("label") for x in store.meta(names[-1]).get("labels", [])} if names else set()
-        return len(self.datastore().label_keys() - used)
-
-    def start_round(self, why: str) -> None:
-        log.info("starting a fine-tune round: %s", why)
-        self.async_training("segvol")  # MONAI Label refuses a second one while one runs
+    @cached_property
+    def rounds(self) -> RoundSchedule:
+        """When rounds start (lib/rounds/schedule.py); MONAI Label refuses a second one while one runs."""
+        return RoundSchedule(
+            self.service.settings, self.service.versions, self.datastore, lambda: self.async_training("segvol")
+        )
 
     def on_save_label(self, image_id: str, label_id: str) -> dict:
-        """Tells the client what was stored: who, from which model version, each segment's type
-        (AUTOMATIC / SEMIAUTOMATIC with the voxels added and removed / MANUAL), the SEG series."""
+        """After a save (what was saved reaches the client from the save itself): a round when
+        enough new final labels came in."""
         result = super().on_save_label(image_id, label_id) or {}
-        saved = getattr(self.datastore().last_saved, "info", None) or {}
-        for key in ("client", "model_version", "segments", "SeriesInstanceUID"):
-            if key in saved:
-                result[key] = saved[key]
-        after = self.service.settings.train_after_labels
-        if after > 0:
-            new = self.new_final_labels()
-            if new >= after:
-                self.start_round(f"{new} new final labels (train_after_labels {after})")
+        self.rounds.labels_saved()
         return result
-
-    def _scheduled_rounds(self, minutes: float) -> None:
-        while True:
-            time.sleep(minutes * 60)
-            try:
-                if self.new_final_labels() > 0:
-                    self.start_round(f"schedule (every {minutes:g} min) with new final labels")
-            except Exception:  # a scheduler that dies silently is worse than a logged failure
-                log.exception("scheduled round failed to start")
 
     def info(self) -> dict:
         meta = super().info()
@@ -188,8 +174,8 @@ class SegVolApp(MONAILabelApp):
         """Refuse unknown models and images with a 4xx before MONAI Label would treat an
         unknown id as a file path."""
         model = request.get("model")
-        if model not in self._infers:
-            raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {', '.join(self._infers)}")
+        if model not in self.infers:
+            raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {', '.join(self.infers)}")
         image = request.get("image")
         if isinstance(image, str) and image:
             if not self.knows_image(image):

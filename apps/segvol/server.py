@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import datastore_routes
-import jwt
 import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
@@ -31,13 +30,17 @@ from monailabel.config import settings
 from monailabel.endpoints import batch_infer, train
 from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.infer import ResultType, run_inference
-from monailabel.endpoints.user.auth import User
+from monailabel.endpoints.logs import get_logs
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.utils import processes
 
-# The app's own modules (lib.*) are imported inside the functions: MONAI Label reloads the app's
-# lib package when it loads the app, so a module object taken here would be a stale twin.
+from lib.compat.server import answer_first, as_client_mistake, from_token
+from lib.paths import PathError, inside
+from lib.rounds.progress import RUNNING, RoundProgress
+from lib.serving.limits import check_json_text, check_sizes
+from lib.serving.validation import RequestError, params_object
+from lib.team.identity import IdentityError, client_of, current_user
 
 NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -48,67 +51,15 @@ async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
 
 
-# MONAI Label answers these client mistakes with HTTP 500
-CLIENT_MISTAKES = ("Neither Image nor File", "DICOM SEG format is not supported in a non-DICOM datastore")
-
-
 @app.exception_handler(HTTPException)
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    if exc.status_code == 500 and str(exc.detail).startswith(CLIENT_MISTAKES):
-        exc = HTTPException(status_code=400, detail=f"{exc.detail} (give ?image=<an id from /datastore/>)")
-    return await http_exception_handler(request, exc)
+    return await http_exception_handler(request, as_client_mistake(exc))
 
 
 @app.exception_handler(MONAILabelException)
 async def monailabel_error(request: Request, exc: MONAILabelException) -> JSONResponse:
     status = 400 if exc.error == MONAILabelError.INVALID_INPUT else 500
     return JSONResponse(status_code=status, content={"detail": exc.msg})
-
-
-def from_token(token: str) -> User:
-    """The user a bearer token names, checked against the realm's public key.
-
-    MONAI Label 0.8.5's own check calls ``jwt.decode`` without ``algorithms``, which the PyJWT 2 it
-    requires refuses, so every token was answered 401. Same claims and role path
-    (``MONAI_LABEL_AUTH_TOKEN_*``), with RS256, the algorithm of Keycloak's realm keys. A token
-    must carry an expiry and a usable user name: the user name is the identity everywhere (leases,
-    provenance, the SEG's creator), so a token without one, or with an empty or unprintable one,
-    is answered 401 naming the claim, never served as anyone."""
-    if not settings.MONAI_LABEL_AUTH_ENABLE:
-        return auth.DEFAULT_USER
-    from lib.team.identity import usable_name
-
-    key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
-    try:
-        claims = jwt.decode(token, key, algorithms=["RS256"], options={"verify_aud": False, "require": ["exp"]})
-    except jwt.InvalidTokenError as e:
-        raise HTTPException(status_code=401, detail=f"the token is not valid: {e}") from e
-    claim = settings.MONAI_LABEL_AUTH_TOKEN_USERNAME
-    username = usable_name(claims.get(claim), strip=False)
-    if username is None:
-        raise HTTPException(
-            status_code=401,
-            detail=f"the token's user name claim {claim!r} is missing, empty or not a printable name "
-            "(1 to 128 characters, no backslash or '=', no surrounding space): it cannot identify anyone",
-        )
-    client = settings.MONAI_LABEL_AUTH_CLIENT_ID
-    if client and claims.get("azp") not in (None, client):
-        raise HTTPException(
-            status_code=401, detail=f"the token was issued to client {claims['azp']!r}, not to {client!r}"
-        )
-    roles = claims
-    for part in settings.MONAI_LABEL_AUTH_TOKEN_ROLES.split("#"):
-        roles = roles.get(part) if isinstance(roles, dict) else None
-    email, name = (claims.get(c) for c in (settings.MONAI_LABEL_AUTH_TOKEN_EMAIL, settings.MONAI_LABEL_AUTH_TOKEN_NAME))
-    return User(
-        username=username,
-        email=email if isinstance(email, str) else None,
-        name=name if isinstance(name, str) else None,
-        roles=[r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
-    )
-
-
-auth.from_token = from_token  # MONAI Label's RBAC looks it up at every request
 
 
 @app.middleware("http")
@@ -123,7 +74,6 @@ async def identify(request: Request, call_next):
                 user = from_token(header[7:].strip()).username
             except Exception:  # an invalid or expired token: RBAC refuses the request
                 user = None
-        from lib.team.identity import current_user
 
         current_user.set(user)
     return await call_next(request)
@@ -210,13 +160,12 @@ async def health() -> JSONResponse:
 
 
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
-SEGVOL_MODE = Path(__file__).parent / "static" / "segvol-mode.js"
+# the SegVol mode: the shim of the OHIF build first (it checks that build), then the mode and its panel
+SEGVOL_MODE = tuple(Path(__file__).parent / "static" / name for name in ("ohif-shim.js", "segvol-mode.js"))
 
 
 def _checked(fn, *args):
     """``fn(*args)``, a RequestError answered 400 with its message."""
-    from lib.serving.validation import RequestError
-
     try:
         return fn(*args)
     except RequestError as e:
@@ -225,8 +174,6 @@ def _checked(fn, *args):
 
 def _bounded(params: object, what: str = "params") -> None:
     """Every list, string and number in a request's parameters within lib/serving/limits.py's bounds."""
-    from lib.serving.limits import check_sizes
-
     _checked(check_sizes, params, what)
 
 
@@ -239,8 +186,6 @@ def info(user: Reader) -> dict:
 @app.get("/logs/", summary="The server's log (MONAI Label's view of it)", include_in_schema=False)
 def logs(user: Manager, lines: int = 300, html: bool = True, text: bool = False, refresh: int = 0) -> Response:
     """MONAI Label's, off the event loop (it reads the whole file), with its numbers bounded."""
-    from monailabel.endpoints.logs import get_logs
-
     if not 0 <= lines <= 100_000 or not 0 <= refresh <= 3600:
         raise HTTPException(status_code=400, detail="lines must be 0 to 100000 and refresh 0 to 3600 seconds")
     return get_logs(os.path.join(settings.MONAI_LABEL_APP_DIR, "logs", "app.log"), lines, html, text, refresh)
@@ -248,16 +193,15 @@ def logs(user: Manager, lines: int = 300, html: bool = True, text: bool = False,
 
 @app.get("/ohif/app-config.js", include_in_schema=False)
 def ohif_config() -> Response:
-    """OHIF's configuration, plus the SegVol mode (static/segvol-mode.js)."""
-    return Response(OHIF_CONFIG.read_text() + "\n" + SEGVOL_MODE.read_text(), media_type="application/javascript")
+    """OHIF's configuration, plus the SegVol mode (static/ohif-shim.js, then static/segvol-mode.js)."""
+    parts = [OHIF_CONFIG.read_text(), *(part.read_text() for part in SEGVOL_MODE)]
+    return Response("\n".join(parts), media_type="application/javascript")
 
 
 @app.get("/ohif/{path:path}", include_in_schema=False)
 def ohif_file(path: str, user: Reader) -> FileResponse:
     """OHIF's files (MONAI Label's bundle); any other path is the page itself (OHIF routes in the
     browser). A path is proven inside the bundle's folder (MONAI Label's answered 500 to '..')."""
-    from lib.paths import PathError, inside
-
     folder = OHIF_CONFIG.parent
     try:
         file = inside(folder, path) if path else folder / "index.html"
@@ -314,9 +258,6 @@ def infer(
     Label answers null or a string with a 500), run off the event loop. The tasks segment the
     datastore's images only: an uploaded image, label or session, or params that would replace
     the image or model MONAI Label passes on, are refused."""
-    from lib.serving.limits import check_json_text
-    from lib.serving.validation import params_object
-
     _checked(check_json_text, params)
     asked = _checked(params_object, params)
     _bounded(asked)
@@ -331,10 +272,10 @@ def infer(
 
 
 def _trainer(model: str):
-    trainer = app_instance()._trainers.get(model)
+    trainer = app_instance().trainers.get(model)
     if trainer is None:
         raise HTTPException(
-            status_code=404, detail=f"no trainer {model!r}; available: {', '.join(app_instance()._trainers)}"
+            status_code=404, detail=f"no trainer {model!r}; available: {', '.join(app_instance().trainers)}"
         )
     return trainer
 
@@ -358,10 +299,10 @@ def train_all(user: Manager, params: dict | None = None, run_sync: bool = False)
 
 @app.post("/batch/infer/{model}", summary="Run a task over the datastore (parameters checked before it starts)")
 def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "all", params: dict | None = None):
-    task = app_instance()._infers.get(model)
+    task = app_instance().infers.get(model)
     if task is None:
         raise HTTPException(
-            status_code=404, detail=f"no model {model!r}; available: {', '.join(app_instance()._infers)}"
+            status_code=404, detail=f"no model {model!r}; available: {', '.join(app_instance().infers)}"
         )
     _bounded(params)
     _checked(task.check_batch_params, params or {})
@@ -369,8 +310,6 @@ def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "
 
 
 def _client(client_id: object) -> str:
-    from lib.team.identity import IdentityError, client_of
-
     try:
         return client_of({"client_id": client_id})
     except IdentityError as e:
@@ -379,8 +318,6 @@ def _client(client_id: object) -> str:
 
 @app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
 def status(user: Reader, client_id: str | None = None, image: str | None = None) -> dict:
-    from lib.rounds.progress import RUNNING, RoundProgress
-
     instance = app_instance()
     service = instance.service
     client = _client(client_id)
@@ -391,10 +328,11 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
             service.lock.release()
     versions = service.versions
     names = versions.names()
-    leases = service.leases
+    team = instance.team
+    leases = team.leases
     lease = leases.held_by(client) if leases else None
     others = leases.of_others(client).get(image, []) if leases and image else []
-    provenance = service.provenance
+    provenance = team.provenance
     round_ = RoundProgress(versions.root).read()
     last = (round_ or {}).get("result") or (dict(versions.meta(names[-1]), version=names[-1]) if names else None)
     running = [p.pid for p in processes("train").values()]
@@ -411,24 +349,24 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
         "last_round": last,
         "warning": service.warning,
         "error": service.error,
-        "unreadable_images": service.unreadable.as_json(),
+        "unreadable_images": team.unreadable.as_json(),
         "pending_segs": _pending(instance.datastore()),
     }
 
 
 def _pending(store) -> dict | None:
     """SEGs waiting for the archive and those it refused (None on a folder datastore)."""
-    state = getattr(store, "pending_state", None)
-    return state() if state is not None else None
+    outbox = getattr(store, "outbox", None)
+    return outbox.state() if outbox is not None else None
 
 
 @app.post("/segvol/pending/retry", summary="Send the SEGs the archive refused again (after fixing the archive)")
 def retry_pending(user: Manager) -> dict:
-    store = app_instance().datastore()
-    if not hasattr(store, "retry_refused"):
+    outbox = getattr(app_instance().datastore(), "outbox", None)
+    if outbox is None:
         raise HTTPException(status_code=404, detail="the datastore is a folder: no SEGs are sent to an archive")
-    sent = store.retry_refused()
-    return {"sent": sent, **store.pending_state()}
+    sent = outbox.retry_refused()
+    return {"sent": sent, **outbox.state()}
 
 
 @app.get("/segvol/labels", summary="Every label saved for an image, newest first (the archive's SEGs)")
@@ -454,7 +392,6 @@ def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
 # /ohif/{path} catch-all)
 OVERRIDES = (info, logs, ohif_config, ohif_file, access_token, next_image, infer, train_model, train_all, batch)
 OVERRIDES += datastore_routes.ROUTES
-ours = [r for r in app.router.routes if getattr(r, "endpoint", None) in OVERRIDES]
-app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
+answer_first(app, OVERRIDES)
 
 __all__ = ["app"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from segvol.model import CONFIGS
+
 DEFAULT_AUTO_LABELS = (
     "liver",
     "spleen",
@@ -25,8 +27,9 @@ HELP = {
     "model_config": "segvol-official (default) or segvol-tiny (small test config, only with weights=seeded)",
     "device": "auto (CUDA where present), cpu or cuda[:N]",
     "zoom_in": "true (default): zoom-out-zoom-in; false: the zoom-out pass only (faster, coarser)",
-    "precision": "fp32 (default, faithful); bf16 or fp16: faster, approximate (effect measured in README)",
-    "overlap": "zoom-in window overlap: 0.5 (default, faithful); 0.25 or 0: fewer windows, approximate (README)",
+    "precision": "fp32 (default, faithful); bf16 or fp16: faster, approximate (effect measured in docs/performance.md)",
+    "overlap": "zoom-in window overlap: 0.5 (default, faithful); 0.25 or 0: fewer windows, approximate "
+    "(docs/performance.md)",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
@@ -47,7 +50,7 @@ HELP = {
     "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
     "archive_refresh_seconds": "DICOMweb: how often the archive's series and SEGs are listed again (60)",
     "lease_minutes": "an image handed to one annotator is not handed to another for this long (30)",
-    "max_upload_mb": "the largest label, image or session file a client may upload, in MB (1024); "
+    "max_upload_mb": "the largest label or image a client may upload, in MB (1024); "
     "sizes are checked from the file's header before anything is inflated",
     "datastore_changes": "without authentication, allow adding and deleting images, deleting labels and "
     "rewriting label info over REST (false; with authentication the admin role may)",
@@ -109,59 +112,16 @@ class AppSettings:
 
     @classmethod
     def from_conf(cls, conf: dict, model_dir: Path) -> AppSettings:
+        """The options of ``--conf`` (strings), checked: a bad value is a ConfError naming it."""
         unknown = sorted(k for k in conf if k in ("weights", "model_config") and not conf[k])
         if unknown:
             raise ConfError(f"--conf {unknown[0]} needs a value")
-        numbers = {}
-        for key in (
-            "auto_max_labels",
-            "overlap",
-            "cache_mb",
-            "window_batch",
-            "decode_batch",
-            "train_steps",
-            "train_windows",
-            "embedding_cache_mb",
-            "train_lr",
-            "train_batch",
-            "train_processes",
-            "train_after_labels",
-            "train_every_minutes",
-            "promote_min_gain",
-            "promote_replay_margin",
-            "lease_minutes",
-            "archive_refresh_seconds",
-            "max_upload_mb",
-        ):
-            default = cls.__dataclass_fields__[key].default
-            kind = type(default)
-            try:
-                numbers[key] = kind(conf.get(key, default))
-            except ValueError as e:
-                raise ConfError(f"--conf {key} {conf[key]!r}: expected a {kind.__name__}") from e
+        numbers = _numbers(cls, conf)
         auto = conf.get("auto_labels")
         labels = tuple(s.strip() for s in auto.split(",") if s.strip()) if auto else DEFAULT_AUTO_LABELS
-        from segvol.model import CONFIGS
-
         model_config = conf.get("model_config", "segvol-official")
         if model_config not in CONFIGS:
             raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
-        if not 0 <= numbers["overlap"] < 1:
-            raise ConfError(f"--conf overlap {conf['overlap']!r}: expected 0 <= overlap < 1")
-        if "train_batch" not in conf:
-            numbers["train_batch"] = numbers["train_processes"]
-        for key in ("train_batch", "train_processes"):
-            if numbers[key] < 1:
-                raise ConfError(f"--conf {key} {conf[key]!r}: expected a whole number of 1 or more")
-        if numbers["train_batch"] % numbers["train_processes"]:
-            raise ConfError(
-                f"--conf train_batch {numbers['train_batch']}: the batch is split evenly over the "
-                f"{numbers['train_processes']} processes (train_processes); use a multiple of it"
-            )
-        if not numbers["max_upload_mb"] > 0:
-            raise ConfError(f"--conf max_upload_mb {conf['max_upload_mb']!r}: expected a positive number")
-        if not numbers["lease_minutes"] > 0:
-            raise ConfError(f"--conf lease_minutes {conf['lease_minutes']!r}: expected a positive number")
         return cls(
             weights=conf.get("weights", "hub"),
             model_config=model_config,
@@ -183,3 +143,53 @@ class AppSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+
+NUMBERS = (
+    "auto_max_labels",
+    "overlap",
+    "cache_mb",
+    "window_batch",
+    "decode_batch",
+    "train_steps",
+    "train_windows",
+    "embedding_cache_mb",
+    "train_lr",
+    "train_batch",
+    "train_processes",
+    "train_after_labels",
+    "train_every_minutes",
+    "promote_min_gain",
+    "promote_replay_margin",
+    "lease_minutes",
+    "archive_refresh_seconds",
+    "max_upload_mb",
+)
+
+
+def _numbers(cls: type, conf: dict) -> dict:
+    """The numeric options, each of its default's type, and the rules between them."""
+    numbers = {}
+    for key in NUMBERS:
+        default = cls.__dataclass_fields__[key].default
+        kind = type(default)
+        try:
+            numbers[key] = kind(conf.get(key, default))
+        except ValueError as e:
+            raise ConfError(f"--conf {key} {conf[key]!r}: expected a {kind.__name__}") from e
+    if not 0 <= numbers["overlap"] < 1:
+        raise ConfError(f"--conf overlap {conf['overlap']!r}: expected 0 <= overlap < 1")
+    if "train_batch" not in conf:
+        numbers["train_batch"] = numbers["train_processes"]
+    for key in ("train_batch", "train_processes"):
+        if numbers[key] < 1:
+            raise ConfError(f"--conf {key} {conf[key]!r}: expected a whole number of 1 or more")
+    if numbers["train_batch"] % numbers["train_processes"]:
+        raise ConfError(
+            f"--conf train_batch {numbers['train_batch']}: the batch is split evenly over the "
+            f"{numbers['train_processes']} processes (train_processes); use a multiple of it"
+        )
+    for key in ("max_upload_mb", "lease_minutes"):
+        if not numbers[key] > 0:
+            raise ConfError(f"--conf {key} {conf[key]!r}: expected a positive number")
+    return numbers

@@ -19,7 +19,8 @@ from collections import OrderedDict
 import torch
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.serving.host import SegVolService
+from lib.serving.host import ModelHost
+from lib.team.unreadable import Unreadable
 from segvol.io import ImageReadError, read_volume
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,10 @@ def mean_entropy(logits: torch.Tensor) -> float:
 
 
 class Uncertainty(Strategy):
-    def __init__(self, service: SegVolService, max_images: int = 50) -> None:
+    def __init__(self, service: ModelHost, unreadable: Unreadable, max_images: int = 50) -> None:
         super().__init__("Least certain SegVol prediction first (mean entropy of the zoom-out pass)")
         self.service = service
+        self.unreadable = unreadable
         self.max_images = max_images
         self._scores: OrderedDict[tuple, float] = OrderedDict()  # keyed by client input too: an LRU
 
@@ -67,7 +69,7 @@ class Uncertainty(Strategy):
             try:
                 volume = read_volume(path)
             except ImageReadError as e:
-                self.service.unreadable.add(image_id, str(e))
+                self.unreadable.add(image_id, str(e))
                 return None
             with self.service.lock:
                 self.service.sync_version()
@@ -87,7 +89,7 @@ class Uncertainty(Strategy):
         """Score every candidate not scored yet (outside the pick lock; one image per model lock)."""
         names = self.categories(request, datastore)
         for image_id in self._candidates(request, datastore):
-            if self._key(image_id, names) not in self._scores and not self.service.unreadable.has(image_id):
+            if self._key(image_id, names) not in self._scores and not self.unreadable.has(image_id):
                 self.score(image_id, datastore.get_image_uri(image_id), names)
 
     def __call__(self, request: dict, datastore) -> dict | None:
@@ -96,7 +98,7 @@ class Uncertainty(Strategy):
         names = self.categories(request, datastore)
         scores = {}
         for image_id in self._candidates(request, datastore):
-            if self.service.unreadable.has(image_id):
+            if self.unreadable.has(image_id):
                 continue
             key = self._key(image_id, names)
             value = self._scores.get(key)

@@ -5,7 +5,7 @@ references and when it was made comes from its metadata, fetched once per SEG (a
 changes) and kept on disk beside the datastore, so a restart or a second process does not fetch
 it again. Counting labels needs the QIDO query only; the newest SEG of each image is its label.
 
-A draft (``python -m segvol preannotate``) is a SEG too, marked by its SeriesDescription, which
+A draft (``python apps/segvol preannotate``) is a SEG too, marked by its SeriesDescription, which
 QIDO returns: it is listed with the image's SEGs (to open and correct) but is never its label, so
 rounds never learn from it and the image stays unlabelled for the next-image strategies.
 """
@@ -51,6 +51,18 @@ class ArchivedSeg:
     software: str
     segments: tuple[tuple[str, str], ...]  # (label, algorithm type) of each segment
     draft: bool = False  # a pre-annotation draft: never the image's label
+
+    def as_history(self) -> dict:
+        """The SEG as one entry of an image's label history (GET /segvol/labels)."""
+        return {
+            "seg_series": self.uid,
+            "archived": self.made,
+            "creator": self.creator,
+            "description": self.description,
+            "software": self.software,
+            "segments": [{"name": name, "type": kind} for name, kind in self.segments],
+            "draft": self.draft,
+        }
 
 
 def _text(meta: Dataset, *keys: str) -> str:

@@ -37,7 +37,7 @@ from pydicom.sr.coding import Code
 import segvol
 from lib.archive.dicom_text import character_set, long_string, person_name
 from lib.archive.index import DRAFT_PREFIX
-from lib.serving.params import FIRST_FREE_VALUE
+from lib.labels.checks import FIRST_FREE_VALUE
 from segvol.vocabulary import Category, Vocabulary
 
 log = logging.getLogger(__name__)

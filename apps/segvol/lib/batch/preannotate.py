@@ -1,5 +1,5 @@
 """Pre-annotation of an archive or a folder with Ray: a draft label per series, for annotators to
-correct (``python -m segvol preannotate``).
+correct (``python apps/segvol preannotate``).
 
 Ray Data hands the series to a pool of actors, one model each (one GPU each where the cluster has
 GPUs). An actor reads a series as the app does for inference (the datastore's NIfTI of it),
@@ -26,16 +26,17 @@ from pathlib import Path
 import numpy as np
 
 import segvol
-from lib.datastores import SegVolLabels, open_datastore
+from lib.datastores import CheckedLabels, open_datastore
 from lib.labels.checks import LabelPart
-from lib.serving.host import SegVolService
+from lib.serving.host import ModelHost
 from lib.serving.params import PromptBuilder, with_texts
 from lib.settings import AppSettings
+from lib.team.team import Team
 from segvol.vocabulary import default_vocabulary
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parent.parent  # apps/segvol
+APP_DIR = Path(__file__).resolve().parents[2]  # apps/segvol
 CREATOR = "SegVol pre-annotation"  # ContentCreatorName of the drafts, client of their provenance
 OK, EMPTY, FAILED = "ok", "empty", "failed"
 
@@ -58,8 +59,8 @@ class Job:
         # one image at a time, never revisited: no encodings kept beyond the current one
         return AppSettings.from_conf({"cache_mb": "0", **self.conf}, APP_DIR / "model")
 
-    def open_store(self, service: SegVolService) -> SegVolLabels:
-        return open_datastore(service, self.studies, self.cache, auto_reload=False)
+    def open_store(self, service: ModelHost, team: Team) -> CheckedLabels:
+        return open_datastore(service, team, self.studies, self.cache, auto_reload=False)
 
 
 def resolve_categories(names: list[str]) -> tuple[str, ...]:
@@ -92,12 +93,13 @@ class Annotator:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.service = SegVolService(job.settings())
+        self.service = ModelHost(job.settings())
         self.service.load()
         self.service.wait(0)  # raises with the reason when the weights did not load
+        self.team = Team(self.service.settings.lease_minutes)
         if job.team_db is not None:
-            self.service.attach_store(job.team_db)
-        self.store = job.open_store(self.service)
+            self.team.open(job.team_db)
+        self.store = job.open_store(self.service, self.team)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = [self.annotate(str(series)) for series in batch["series"]]
@@ -120,11 +122,11 @@ class Annotator:
             vocabulary = self.service.vocabulary
             parts = [LabelPart(t.value, t.name, vocabulary.categories[t.value - 1]) for t in targets if voxels[t.name]]
             row["stored"] = self.store.store_draft(series, seg.labelmap, parts, CREATOR, seg.model_version)
-            if self.service.provenance is not None:  # an unedited draft saved later is AUTOMATIC
+            if self.team.provenance is not None:  # an unedited draft saved later is AUTOMATIC
                 prompts = [{"name": t.name, "value": t.value, "text": t.sent} for t in targets]
                 names = {t.value: t.name for t in targets}
                 total = seg.timings.get("total", 0.0)
-                self.service.provenance.record(
+                self.team.provenance.record(
                     series, CREATOR, seg.model_version, "preannotate", prompts, seg.labelmap, names, total
                 )
             row["status"] = OK
@@ -175,7 +177,8 @@ class Report:
 
 def plan(job: Job) -> tuple[list[str], int]:
     """The series to do (those with no label and no draft stored) and how many are skipped."""
-    store = job.open_store(SegVolService(job.settings()))  # the model is not needed to list
+    settings = job.settings()
+    store = job.open_store(ModelHost(settings), Team(settings.lease_minutes))  # no model needed to list
     images = store.list_images()
     done = store.annotated_images()
     todo = sorted(i for i in images if i not in done)

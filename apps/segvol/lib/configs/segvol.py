@@ -1,4 +1,4 @@
-"""TaskConfig: ``--conf`` options -> the shared SegVol service and its three infer tasks."""
+"""TaskConfig: ``--conf`` options -> the shared model host, the team, and the three infer tasks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from lib.infers.deepgrow import SegVolDeepgrow
 from lib.infers.segmentation import SegVolSegmentation
 from lib.infers.vista3d import SegVolVista3D
-from lib.serving.host import SegVolService
+from lib.serving.host import ModelHost
 from lib.settings import AppSettings
+from lib.team.team import Team
 from lib.trainers.decoder import AppArgs, SegVolDecoderTrainer
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,15 @@ class SegVolTaskConfig(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict, planner=None, **kwargs) -> None:
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = AppSettings.from_conf(conf, Path(model_dir))
-        self.service = SegVolService(self.settings)
+        self.service = ModelHost(self.settings)
+        self.team = Team(self.settings.lease_minutes)
         self.labels = {c.name: c.index for c in self.service.vocabulary.categories}
 
     def infer(self) -> dict[str, InferTask]:
         return {
-            self.name: SegVolVista3D(self.service),
-            f"{self.name}_segmentation": SegVolSegmentation(self.service),
-            f"{self.name}_deepgrow": SegVolDeepgrow(self.service),
+            self.name: SegVolVista3D(self.service, self.team),
+            f"{self.name}_segmentation": SegVolSegmentation(self.service, self.team),
+            f"{self.name}_deepgrow": SegVolDeepgrow(self.service, self.team),
         }
 
     def trainer(self, studies: str | None = None) -> SegVolDecoderTrainer:

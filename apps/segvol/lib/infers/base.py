@@ -11,12 +11,13 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.paths import TAG
-from lib.serving.host import SegVolService, ServiceUnavailable
+from lib.serving.host import ModelHost, Segmentation, ServiceUnavailable
 from lib.serving.params import PromptBuilder, Target, flag, output_options
 from lib.serving.validation import Param, RequestError, check
 from lib.team.identity import IdentityError, client_of
+from lib.team.team import Team
 from segvol.engine import ImageTooLarge
-from segvol.io import ImageReadError, write_like
+from segvol.io import ImageReadError, Volume, write_like
 from segvol.preprocess import ImageError
 from segvol.prompts import PromptError
 
@@ -26,10 +27,11 @@ log = logging.getLogger(__name__)
 class SegVolInferTask(InferTask):
     """A thin adapter: subclasses only turn their client's parameters into targets."""
 
-    def __init__(self, service: SegVolService, type: str, description: str, config: dict | None = None) -> None:
+    def __init__(self, service: ModelHost, team: Team, type: str, description: str, config: dict | None = None) -> None:
         labels = {c.name: c.index for c in service.vocabulary.categories}
         super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
         self.service = service
+        self.team = team
 
     def is_valid(self) -> bool:
         return True
@@ -83,30 +85,47 @@ class SegVolInferTask(InferTask):
             raise HTTPException(status_code=e.status, detail=str(e)) from e
         except PromptError as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
+        volume = self._volume(request)
+        targets, seg = self._segment(request, volume, out.zoom_in)
+        with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
+            path = f.name
+        write_like(volume, seg.labelmap, path, compress=out.compress)
+        result = self._result(request, client, targets, seg)
+        log.info(
+            "%s: %s in %.2f s",
+            self.type,
+            ", ".join(f"{t.name}={t.value}" for t in targets),
+            seg.timings.get("total", 0.0),
+        )
+        return path, result
+
+    def _volume(self, request: dict) -> Volume:
         try:
-            volume = self.service.read(request["image"])
+            return self.service.read(request["image"])
         except ImageReadError as e:  # the datastore's own file: listed as unreadable, skipped from now on
             if request.get("image_id"):
-                self.service.unreadable.add(request["image_id"], str(e))
+                self.team.unreadable.add(request["image_id"], str(e))
             raise HTTPException(status_code=422, detail=f"the image cannot be read: {e}") from e
+
+    def _segment(self, request: dict, volume: Volume, zoom_in: bool | None) -> tuple[list[Target], Segmentation]:
         try:
             builder = PromptBuilder(self.service.vocabulary, volume.array.shape, flag(request, "exact_text"))
             targets = self.targets(request, builder)
         except (PromptError, ImageError) as e:
             raise HTTPException(status_code=400, detail=str(e)) from e
-        values = [t.value for t in targets]
         try:
-            seg = self.service.segment(volume, [t.prompt for t in targets], values, out.zoom_in)
+            seg = self.service.segment(volume, [t.prompt for t in targets], [t.value for t in targets], zoom_in)
         except ServiceUnavailable as e:
             raise HTTPException(status_code=503, detail=str(e)) from e
         except ImageTooLarge as e:
             raise HTTPException(status_code=413, detail=str(e)) from e
         except (PromptError, ImageError) as e:  # the engine's own checks: a text CLIP cannot take, NaNs, ...
             raise HTTPException(status_code=400, detail=str(e)) from e
-        labelmap = seg.labelmap
-        with tempfile.NamedTemporaryFile(suffix=out.extension, delete=False) as f:
-            path = f.name
-        write_like(volume, labelmap, path, compress=out.compress)
+        return targets, seg
+
+    def _result(self, request: dict, client: str, targets: list[Target], seg: Segmentation) -> dict:
+        """What the client is told (each target's prompt, voxels and model-space trace), recorded
+        as a served result in the team's provenance when the image is the datastore's."""
         prompts = [
             {
                 "name": t.name,
@@ -129,23 +148,17 @@ class SegVolInferTask(InferTask):
             "timings": seg.timings,
         }
         image_id = request.get("image_id")
-        if image_id and self.service.provenance is not None:
-            result["result_id"] = self.service.provenance.record(
+        if image_id and self.team.provenance is not None:
+            result["result_id"] = self.team.provenance.record(
                 image_id,
                 client,
                 seg.model_version,
                 request.get("model", self.type),
                 [{k: v for k, v in p.items() if k != "model_space"} for p in prompts],
-                labelmap,
+                seg.labelmap,
                 {t.value: t.name for t in targets},
                 seg.timings.get("total", 0.0),
             )
         if self.service.warning:
             result["warning"] = self.service.warning
-        log.info(
-            "%s: %s in %.2f s",
-            self.type,
-            ", ".join(f"{t.name}={t.value}" for t in targets),
-            seg.timings.get("total", 0.0),
-        )
-        return path, result
+        return result

@@ -11,8 +11,10 @@ class SegVolDeepgrow(SegVolInferTask):
     as a text prompt when it names a SegVol category). The mask is written with the label's
     /info index (a free value from 224 up for names outside the vocabulary), reported in label_names."""
 
-    def __init__(self, service) -> None:
-        super().__init__(service, "deepgrow", "SegVol: positive/negative clicks and an ROI box, with the segment name")
+    def __init__(self, service, team) -> None:
+        super().__init__(
+            service, team, "deepgrow", "SegVol: positive/negative clicks and an ROI box, with the segment name"
+        )
 
     def targets(self, params: dict, builder: PromptBuilder) -> list[Target]:
         texts, points, labels, box = explicit(params)

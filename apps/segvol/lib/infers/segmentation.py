@@ -11,9 +11,10 @@ DEFAULT_TEXTS = "liver, spleen, right kidney, left kidney"
 class SegVolSegmentation(SegVolInferTask):
     """``texts``: category names separated by commas (one label each, values = /info indices)."""
 
-    def __init__(self, service) -> None:
+    def __init__(self, service, team) -> None:
         super().__init__(
             service,
+            team,
             "segmentation",
             "SegVol: segment the categories named in 'texts' (comma-separated)",
             config={"texts": DEFAULT_TEXTS},

@@ -15,8 +15,8 @@ class SegVolVista3D(SegVolInferTask):
     ``points`` the (single) class name is combined with the clicks. Output values are the
     /info label indices, which OHIF copies into its labelmap."""
 
-    def __init__(self, service) -> None:
-        super().__init__(service, "vista3d", "SegVol: class prompts (text) and point prompts, as OHIF sends them")
+    def __init__(self, service, team) -> None:
+        super().__init__(service, team, "vista3d", "SegVol: class prompts (text) and point prompts, as OHIF sends them")
 
     def targets(self, params: dict, builder: PromptBuilder) -> list[Target]:
         texts, points, labels, box = explicit(params)

@@ -11,11 +11,11 @@ import numpy as np
 
 from lib import paths
 from lib.labels.uploads import read_label
-from lib.serving.params import FIRST_FREE_VALUE
 from segvol.io import ImageReadError, Volume
 from segvol.vocabulary import Category, Vocabulary
 
 WHOLE = re.compile(r"^[0-9]{1,5}$")  # ASCII digits only: "²" and "١" pass str.isdigit, not int()
+FIRST_FREE_VALUE = 224  # values for names outside the vocabulary (after its 223 categories; uint8: up to 255)
 FREE_VALUES = range(FIRST_FREE_VALUE, 256)
 
 

@@ -259,10 +259,9 @@ def _nifti_layout(stream: _Stream, head: bytes, gz: bool) -> _Layout:
     return _Layout("nifti", shape, _numeric(dtype, name), hdr, ".nii.gz" if gz else ".nii")
 
 
-def _nrrd_layout(stream: _Stream, head: bytes) -> tuple[_Layout, _Stream]:
-    """The NRRD text header, checked, and a stream at the first voxel (inflating if gzip)."""
-    import nrrd
-
+def _nrrd_header_lines(stream: _Stream, head: bytes) -> list[str]:
+    """The NRRD header's lines (up to the blank line), the stream left at the first data byte.
+    A detached header is named as such; a header without an end, or not ASCII, is refused."""
     buf = head
     while True:
         end = min((i for i in (buf.find(b"\n\n"), buf.find(b"\n\r\n")) if i >= 0), default=-1)
@@ -292,11 +291,30 @@ def _nrrd_layout(stream: _Stream, head: bytes) -> tuple[_Layout, _Stream]:
     if not text.isascii():
         raise UploadError("the NRRD header is not ASCII text")
     stream.unread(buf[buf.index(b"\n", end + 1) + 1 :])
+    return lines
+
+
+def _nrrd_layout(stream: _Stream, head: bytes) -> tuple[_Layout, _Stream]:
+    """The NRRD text header, checked, and a stream at the first voxel (inflating if gzip)."""
+    import nrrd
+
+    lines = _nrrd_header_lines(stream, head)
     try:
         header = nrrd.read_header(lines)  # a list of lines: pynrrd opens nothing
     except Exception as e:
         raise UploadError(f"the NRRD header cannot be parsed ({type(e).__name__}: {e})") from e
 
+    shape, dtype, encoding = _nrrd_data(header)
+    directions, origin = _nrrd_space(header)
+    header["space directions"], header["space origin"] = directions, origin
+    layout = _Layout("nrrd", shape, dtype, header, ".nrrd")
+    if encoding == "raw":
+        return layout, stream
+    return layout, _Stream(stream.read, wbits=47)  # zlib or gzip wrapper, as teem writes either
+
+
+def _nrrd_data(header: dict) -> tuple[tuple[int, int, int], np.dtype, str]:
+    """Shape, voxel type and encoding: a 3D volume of numbers, raw or gzip, right after the header."""
     dimension = header.get("dimension")
     if dimension != 3:
         raise UploadError(
@@ -322,6 +340,11 @@ def _nrrd_layout(stream: _Stream, head: bytes) -> tuple[_Layout, _Stream]:
     for skip in ("line skip", "lineskip", "byte skip", "byteskip"):
         if header.get(skip, 0) != 0:
             raise UploadError(f"NRRD {skip!r} is not accepted: the data must follow the header directly")
+    return shape, dtype, encoding
+
+
+def _nrrd_space(header: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Space directions and origin: three independent finite axes in LPS or RAS."""
     space = str(header.get("space", "")).strip().lower()
     if space not in NRRD_SPACES:
         raise UploadError(
@@ -333,11 +356,7 @@ def _nrrd_layout(stream: _Stream, head: bytes) -> tuple[_Layout, _Stream]:
     origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=float)
     if origin.shape != (3,) or not np.all(np.isfinite(origin)):
         raise UploadError("NRRD space origin must be 3 finite numbers")
-    header["space directions"], header["space origin"] = directions, origin
-    layout = _Layout("nrrd", shape, dtype, header, ".nrrd")
-    if encoding == "raw":
-        return layout, stream
-    return layout, _Stream(stream.read, wbits=47)  # zlib or gzip wrapper, as teem writes either
+    return directions, origin
 
 
 def _inspect(f: io.BufferedReader, size: int) -> tuple[_Layout, _Stream] | None:

@@ -1,4 +1,5 @@
-"""One SegVol model and predictor shared by every infer task of the app.
+"""The model host: one SegVol model and predictor shared by every infer task of the app, the
+decoder version it serves (synced with the versions folder before every request), and its lock.
 
 Loading happens once, in the background after start-up; requests wait for it. The
 predictor keeps the encodings of the image last used, so a further prompt on the same
@@ -14,16 +15,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lib.settings import AppSettings
-from lib.team.leases import Leases
-from lib.team.provenance import Provenance
-from lib.team.store import TeamStore
-from lib.team.unreadable import Unreadable
 from segvol.engine import Prediction, SegVolPredictor
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
@@ -55,7 +51,7 @@ class Segmentation:
     model_version: str  # the version that made it (a promotion may land right after)
 
 
-class SegVolService:
+class ModelHost:
     def __init__(self, settings: AppSettings, vocabulary: Vocabulary | None = None) -> None:
         self.settings = settings
         self.vocabulary = vocabulary or default_vocabulary()
@@ -69,16 +65,6 @@ class SegVolService:
         self._ready = threading.Event()
         self.lock = threading.Lock()  # one model run at a time
         self._cached: tuple[tuple, Volume, str] | None = None  # (file identity, volume, content digest)
-        self.provenance: Provenance | None = None  # set by attach_store once the datastore is known
-        self.leases: Leases | None = None
-        self.unreadable = Unreadable()  # images that cannot be read, skipped by every strategy
-
-    def attach_store(self, path: Path) -> None:
-        """The team's shared state (leases, served results, saved labels) in the SQLite file ``path``."""
-        store = TeamStore(path)
-        self.provenance = Provenance(store)
-        self.leases = Leases(store, self.settings.lease_minutes)
-        log.info("team state (leases, provenance, history): %s", path)
 
     @property
     def warning(self) -> str | None:

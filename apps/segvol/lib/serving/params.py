@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from lib.labels.checks import FIRST_FREE_VALUE
 from segvol.prompts import Prompt, PromptError
 from segvol.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".nrrd", ".nii.gz", ".nii")
-FIRST_FREE_VALUE = 224  # values for texts outside the vocabulary (uint8: up to 255)
 
 
 class ParamError(PromptError):

@@ -147,14 +147,14 @@ class WithoutImages:
     """A datastore as a strategy sees it: the same, minus ``skip`` among the unlabelled images."""
 
     def __init__(self, datastore, skip: set[str]) -> None:
-        self._datastore = datastore
+        self._inner = datastore
         self._skip = skip
 
     def get_unlabeled_images(self, *args, **kwargs) -> list[str]:
-        return [i for i in self._datastore.get_unlabeled_images(*args, **kwargs) if i not in self._skip]
+        return [i for i in self._inner.get_unlabeled_images(*args, **kwargs) if i not in self._skip]
 
     def __getattr__(self, name: str):
-        return getattr(self._datastore, name)
+        return getattr(self._inner, name)
 
 
 def _picked(result: dict | None) -> bool:

@@ -10,18 +10,33 @@ module is the algorithm only: which pass gets which embedding and prompts, and h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from segvol.decoding import DecodeJob
+from segvol.decoding import DecodeJob, Decoder
+from segvol.preprocess import PreparedImage
 from segvol.prompts import Prompt, box_to_model, points_to_model
 from segvol.trace import ModelSpace, Trace, WindowTrace, ZoomInTrace
-from segvol.zoom_in import Plan, Window, paste, plan_prompt
+from segvol.zoom_in import Plan, Window, WindowKey, paste, plan_prompt
 
-if TYPE_CHECKING:
-    from segvol.engine import SegVolPredictor
+
+class Encodings(Protocol):
+    """What zoom-out-zoom-in asks of the predictor (segvol/engine.py): the current image, its
+    encodings, and the batching decoder."""
+
+    size: tuple[int, int, int]
+    overlap: float
+    image: PreparedImage
+    decoder: Decoder
+    device: torch.device
+
+    def zoom_out_embedding(self) -> torch.Tensor: ...
+
+    def window_embeddings(self, keys: list[WindowKey]) -> list[torch.Tensor]: ...
+
+    def text_embedding(self, name: str) -> tuple[torch.Tensor, list[int]]: ...
 
 
 @dataclass
@@ -42,7 +57,7 @@ class Prediction:
 class ZoomOutZoomIn:
     """One ``predict`` call: ``run`` segments one target per prompt on the predictor's current image."""
 
-    def __init__(self, predictor: SegVolPredictor) -> None:
+    def __init__(self, predictor: Encodings) -> None:
         self.predictor = predictor
         self.size = predictor.size
         self.overlap = predictor.overlap

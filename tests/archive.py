@@ -6,18 +6,15 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pydicom
 import pytest
 import requests
 
+import orthanc  # noqa: E402
 from conftest import ROOT
 from server import free_port
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import orthanc  # noqa: E402
 
 USER, PASSWORD = "annotator", "s3cret"
 

@@ -4,14 +4,10 @@ them) on a DICOMweb archive, for the tests."""
 from __future__ import annotations
 
 import os
-import sys
 
 from archive import PASSWORD, USER
-from conftest import ROOT
-from server import free_port
-
-sys.path.insert(0, str(ROOT / "scripts"))
 from replicas import Cluster  # noqa: E402
+from server import free_port
 
 
 def replica_cluster(work, archive, **conf: str) -> Cluster:

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "apps" / "segvol"))  # the app's lib package, for its unit tests
 SHARED = Path(os.environ.get("SEGVOL_SHARED", ROOT.parent / "shared"))
+# the one place the tests extend sys.path: the app's lib package (for its unit tests), the scripts
+# (Orthanc, replicas, DICOM series) and the shared tools (phantoms, seeded checkpoints)
+sys.path[:0] = [str(ROOT / "apps" / "segvol"), str(ROOT / "scripts"), str(SHARED / "tools")]
 GOLDEN = SHARED / "reference" / "golden"
 CACHE = Path(os.environ.get("SEGVOL_TEST_CACHE", ROOT / "build" / "test-cache"))
 SEEDED_SHA256 = "d2ade175e15cb73b3be8366bfb5104e6f9e068dc052d5270cd6c75e82e541502"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import sys
 import time
 
 import nibabel as nib
@@ -15,10 +14,6 @@ import nrrd
 import numpy as np
 import pytest
 import requests
-
-from conftest import SHARED
-
-sys.path.insert(0, str(SHARED / "tools"))
 from phantom import make_phantom  # noqa: E402
 
 CHROMIUM_ARGS = [

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
-from conftest import SHARED
-
-sys.path.insert(0, str(SHARED / "tools"))
 from phantom import make_phantom  # noqa: E402
 
 # phantom liver -> "liver" (1). One category: the tiny random model (64 wide, random CLIP) does not

@@ -9,19 +9,16 @@ QIDO alone."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from phantom import make_phantom  # noqa: E402
 
 from archive import PASSWORD, USER, Archive, dicomweb_server, foreign_seg, orthanc, save_liver
-from conftest import ROOT, SHARED, run_cli
-
-sys.path.insert(0, str(SHARED / "tools"))
-from phantom import make_phantom  # noqa: E402
+from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.dicomweb
 LIVER = 1  # /info label index

@@ -3,20 +3,15 @@ dciodvfy and read back as exactly those values (issue 19: SEGs a validator rejec
 
 from __future__ import annotations
 
-import sys
-
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from dicom_series import write_series  # noqa: E402
 
 from archive import dciodvfy_errors
-from conftest import ROOT
 from lib.archive.dicom_text import character_set, long_string, person_name
 from lib.archive.seg import Segment, read_seg, write_seg
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from dicom_series import write_series  # noqa: E402
 
 GREEK = "Αθηνά Παπαδοπούλου"
 ZOE = "Zoë Ōtsuka 李雷"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,12 +15,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from phantom import make_phantom  # noqa: E402
 
 from archive import PASSWORD, USER, Archive, dciodvfy_errors, foreign_seg, orthanc
-from conftest import SHARED, run_app
-
-sys.path.insert(0, str(SHARED / "tools"))
-from phantom import make_phantom  # noqa: E402
+from conftest import run_app
 
 pytestmark = pytest.mark.dicomweb
 SHAPE = (64, 48, 12)
@@ -44,7 +41,6 @@ def _ray_processes(root: str) -> list[str]:
 
 def _corrupt_series(archive: Archive, work: Path) -> str:
     """A CT series whose middle slice is a quarter of the others: Orthanc stores it, nobody reads it."""
-    sys.path.insert(0, str(Path(orthanc.__file__).parent))
     from dicom_series import write_series
 
     image, _, affine = make_phantom(SHAPE, (4.0, 4.0, 8.0), seed=9)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -17,13 +16,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from phantom import make_phantom  # noqa: E402
 
 from archive import Archive, save_liver
 from cluster import replica_cluster
-from conftest import SHARED
-
-sys.path.insert(0, str(SHARED / "tools"))
-from phantom import make_phantom  # noqa: E402
 
 pytestmark = pytest.mark.dicomweb
 LIVER = 1  # /info label index

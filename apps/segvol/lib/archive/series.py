@@ -7,14 +7,16 @@ import time
 
 from pydicom import Dataset
 
+from lib.archive.outbox import ArchiveUnreachable
+
 log = logging.getLogger(__name__)
 
 
 class SeriesList:
     """Listed again at most every ``refresh_seconds`` (MONAI Label keeps its list two hours: a
     study stored meanwhile would not be seen). While the archive does not answer, the last list
-    stands, so a save of an image known before is kept, not refused; before any list, the
-    archive's error is raised."""
+    stands, so a save of an image known before is kept, not refused; before any list, that is
+    ArchiveUnreachable."""
 
     def __init__(self, client, search_filter: dict, refresh_seconds: float) -> None:
         self.client = client
@@ -29,7 +31,7 @@ class SeriesList:
                 found = self.client.search_for_series(search_filters=self.search_filter)
             except Exception as e:  # requests' connection and HTTP errors, whatever the client wraps them in
                 if listed is None:
-                    raise
+                    raise ArchiveUnreachable(str(e)) from e
                 age = time.monotonic() - listed[0]
                 log.warning("archive does not answer (%s); using the series listed %.0f s ago", e, age)
                 return list(listed[1])

@@ -74,13 +74,13 @@ class SharedIndex:
         """A new image in the index (hold the index lock; write_index after)."""
         self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
 
-    def put_label_file(self, image_id: str, tag: str, label_dir: str, write: Callable[[str], None], info: dict) -> None:
+    def put_label_file(self, image_id: str, tag: str, target: str, write: Callable[[str], None], info: dict) -> None:
         """The label file (``write(path)`` makes it) and its index entry, so that a kill at any
         moment leaves either the old or the new label, never half of one (temporary file +
-        os.replace). ``label_dir``: the tag's folder, already proven inside the datastore."""
+        os.replace). ``target``: the label's path, already proven inside the datastore."""
         ours = self._datastore.objects[image_id]
+        label_dir, name = os.path.split(target)
         os.makedirs(label_dir, exist_ok=True)
-        name = self._filename(image_id, ".nii.gz")
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.nii.gz", dir=label_dir)
         os.close(fd)  # a name of its own for each save, so concurrent saves never share a file
         try:
@@ -89,7 +89,7 @@ class SharedIndex:
             os.unlink(tmp)
             raise
         with self.index_lock:
-            os.replace(tmp, os.path.join(label_dir, name))
+            os.replace(tmp, target)
             self.reload_index()
             obj = self._datastore.objects.setdefault(image_id, ours)
             obj.labels[tag] = DataModel(info=dict(info, ts=int(time.time()), name=name), ext=".nii.gz")

@@ -3,6 +3,8 @@ label-saving pipeline (lib/labels/save.py), the team's history, a label's voxels
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 from fastapi import HTTPException
@@ -62,6 +64,7 @@ class CheckedLabels:
         """A label saved through the pipeline; what was saved (reported to the client)."""
         try:
             check_tag(tag)
+            self.saver.client(params)  # identity before the image is listed or fetched
             if image_id not in self.list_images():
                 raise no_image(image_id)
             return self.saver.save(image_id, self.get_image_uri(image_id), upload, tag, params, to=self)
@@ -89,7 +92,8 @@ class CheckedLabels:
         if image_id not in self.objects:
             raise no_image(image_id)
         label_dir = self._inside(self.label_dir(check_tag(tag)))
-        self.put_label_file(image_id, tag, label_dir, lambda path: write_nifti_like(image_path, label, path), info)
+        target = self._inside(os.path.join(label_dir, self.file_name(image_id, ".nii.gz")))
+        self.put_label_file(image_id, tag, target, lambda path: write_nifti_like(image_path, label, path), info)
         return image_id
 
     def history(self, image_id: str) -> list[dict]:

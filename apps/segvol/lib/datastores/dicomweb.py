@@ -46,9 +46,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         self.outbox = Outbox(self.archive, self.root / "pending-seg", on_stored=self.seg_index.refresh)
 
     def _archive_down(self, e: Exception) -> HTTPException:
-        return HTTPException(
-            status_code=503, detail=f"the DICOMweb archive {self.archive.base_url} does not answer ({e})"
-        )
+        return HTTPException(503, f"the DICOMweb archive {self.archive.base_url} does not answer ({e})")
 
     def _asking(self, question):
         """The archive's answer to ``question()``, or a 503 naming the archive when it does not answer."""
@@ -59,20 +57,19 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
 
     def list_images(self) -> list[str]:
         """The archive's CT series (lib/archive/series.py); a 503 before the archive ever answered."""
-        return self._asking(self.series)
+        try:
+            return self.series()
+        except ArchiveUnreachable as e:
+            raise self._archive_down(e.__cause__ or e) from e
 
     def check_readable(self, image_id: str) -> None:
         """Not checked ahead on an archive (that would download the series on every Next image):
         a series that does not convert is listed as unreadable when first read."""
 
-    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+    def _archive_owns_them(self, *args, **kwargs):
         raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
 
-    def remove_image(self, image_id: str) -> None:
-        raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
-
-    def remove_label(self, label_id: str, label_tag: str) -> None:
-        raise HTTPException(status_code=405, detail=ARCHIVE_OWNS_IMAGES)
+    add_image = remove_image = remove_label = _archive_owns_them
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         images = set(self.list_images())

@@ -64,9 +64,7 @@ class LabelSaver:
         convention, each segment's origin found (AUTOMATIC / SEMIAUTOMATIC / MANUAL). Raises
         LabelError, UploadError, UploadTooLarge, IdentityError, ImageReadError (the image's own)."""
         check_tag(tag)
-        if not isinstance(params, dict):
-            raise LabelError(f"params must be a JSON object, got {type(params).__name__}")
-        client = client_of(params)
+        client = self.client(params)
         image = read_volume(image_path)
         arr = read_upload(upload, image, self.max_upload_bytes)
         label, parts = normalise(arr, params.get("label_info"), self.vocabulary)
@@ -78,6 +76,13 @@ class LabelSaver:
         ]
         info["model_version"] = self.model_version()
         return Checked(label, parts, info)
+
+    @staticmethod
+    def client(params: object) -> str:
+        """Who saves: checked before anything else is read (LabelError, IdentityError)."""
+        if not isinstance(params, dict):
+            raise LabelError(f"params must be a JSON object, got {type(params).__name__}")
+        return client_of(params)
 
     def save(self, image_id: str, image_path: str, upload: str, tag: str, params: object, to: Destination) -> Saved:
         checked = self.check(image_id, image_path, upload, tag, params)

@@ -3,6 +3,7 @@
     python apps/segvol round --studies <folder or DICOMweb URL> [--conf k v ...] [--steps N --batch B ...]
     torchrun --nproc_per_node 2 apps/segvol round --studies ... --batch 2
     python apps/segvol preannotate --studies <DICOMweb URL or folder> --categories liver,spleen [--workers 2]
+    python apps/segvol versions list|show|activate|rollback [--conf versions_dir DIR]
 
 Python runs this file with apps/segvol first on sys.path, so the app's ``lib`` imports as the
 server imports it (torchrun starts ``python -u apps/segvol round ...`` in each process).
@@ -16,8 +17,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-
-from monailabel.config import settings as monai_settings
 
 from lib.batch.preannotate import FAILED, Job, PreannotateError, resolve_categories
 from lib.batch.preannotate import run as preannotate
@@ -166,11 +165,8 @@ def round_parts(studies: str, conf: dict) -> tuple[ModelHost, object]:
     model_dir = APP / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     host = ModelHost(AppSettings.from_conf(conf, model_dir))
-    if studies.startswith(("http://", "https://")):
-        studies = studies.rstrip("/").strip()
-    cache_path = (monai_settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     team = Team(host.settings.lease_minutes)  # not opened: a round reads labels only
-    return host, open_datastore(host, team, studies, cache_path, auto_reload=False)
+    return host, open_datastore(host, team, studies)
 
 
 def cmd_round(a: argparse.Namespace) -> int:

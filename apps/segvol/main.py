@@ -18,7 +18,7 @@ from lib.activelearning.random_strategy import RandomStrategy
 from lib.activelearning.uncertainty import Uncertainty
 from lib.compat.app import AppAccess
 from lib.configs.segvol import SegVolTaskConfig
-from lib.datastores import open_datastore
+from lib.datastores import open_datastore, studies_of
 from lib.rounds.schedule import RoundSchedule
 from lib.serving.host import ModelHost
 from lib.serving.limits import MAX_NAME_CHARS
@@ -60,11 +60,9 @@ class SegVolApp(AppAccess, MONAILabelApp):
         return self.task_config.team
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            self.studies = self.studies.rstrip("/").strip()
-        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        self.studies = studies_of(self.studies)
         team = self.team
-        store = open_datastore(self.service, team, self.studies, cache_path, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+        store = open_datastore(self.service, team, self.studies, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
         team.open(self.service.settings.team_db or store.root / ".segvol" / "team.sqlite")
         return store
 

@@ -60,7 +60,7 @@ class Job:
         return AppSettings.from_conf({"cache_mb": "0", **self.conf}, APP_DIR / "model")
 
     def open_store(self, service: ModelHost, team: Team) -> CheckedLabels:
-        return open_datastore(service, team, self.studies, self.cache, auto_reload=False)
+        return open_datastore(service, team, self.studies, cache_path=self.cache)
 
 
 def resolve_categories(names: list[str]) -> tuple[str, ...]:

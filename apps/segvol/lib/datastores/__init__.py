@@ -15,7 +15,7 @@ from lib.labels.save import LabelSaver
 from lib.serving.host import ModelHost
 from lib.team.team import Team
 
-__all__ = ["CheckedLabels", "SegVolDICOMWebDatastore", "SegVolLocalDatastore", "open_datastore", "wiring"]
+__all__ = ["CheckedLabels", "SegVolDICOMWebDatastore", "SegVolLocalDatastore", "open_datastore", "studies_of", "wiring"]
 
 
 def wiring(host: ModelHost, team: Team) -> dict:
@@ -25,11 +25,21 @@ def wiring(host: ModelHost, team: Team) -> dict:
     return dict(saver=saver, team=team, vocabulary=host.vocabulary, read=host.read)
 
 
-def open_datastore(host: ModelHost, team: Team, studies: str, cache_path: str | None, auto_reload: bool):
+def studies_of(studies: str) -> str:
+    """A DICOMweb URL without trailing slashes (MONAI Label appends its own); a folder as given."""
+    return studies.rstrip("/").strip() if studies.startswith(("http://", "https://")) else studies
+
+
+def open_datastore(
+    host: ModelHost, team: Team, studies: str, auto_reload: bool = False, cache_path: str | None = None
+) -> CheckedLabels:
     """The app's datastore for ``studies``: a DICOMweb URL (MONAI Label's DICOMweb settings: basic
     auth from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD, URL prefixes, search filter; downloads in
-    ``cache_path``) or a folder. It takes from the model host only the vocabulary, the served
-    version (recorded with each label) and its volume reader."""
+    ``cache_path``, by default MONAI_LABEL_DICOMWEB_CACHE_PATH) or a folder. It takes from the model
+    host only the vocabulary, the served version (recorded with each label) and its volume reader."""
+    studies = studies_of(studies)
+    if cache_path is None:
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
     wings = wiring(host, team)
     if not studies.startswith(("http://", "https://")):
         return SegVolLocalDatastore(

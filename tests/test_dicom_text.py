@@ -3,6 +3,8 @@ dciodvfy and read back as exactly those values (issue 19: SEGs a validator rejec
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -11,7 +13,7 @@ from dicom_series import write_series  # noqa: E402
 
 from archive import dciodvfy_errors
 from lib.archive.dicom_text import character_set, long_string, person_name
-from lib.archive.seg import Segment, read_seg, write_seg
+from lib.archive.seg import Segment, read_seg, series_description, write_seg
 
 GREEK = "Αθηνά Παπαδοπούλου"
 ZOE = "Zoë Ōtsuka 李雷"
@@ -156,7 +158,8 @@ def test_a_seg_with_hostile_strings_passes_dciodvfy_and_reads_back_clean(series,
 
     folder, _, label_ijk = series
     segment = Segment(1, client, None, "SEMIAUTOMATIC", model_version=f"v\\1{client}")
-    path = write_seg(label_ijk, folder, [segment], "v1", creator=client, out=tmp_path / "seg.dcm")
+    when = datetime(2024, 5, 1, 14, 3, 7).astimezone()
+    path = write_seg(label_ijk, folder, [segment], "v1", creator=client, out=tmp_path / "seg.dcm", when=when)
     ds = pydicom.dcmread(path)
     assert dciodvfy_errors(ds) == []
     assert str(ds.ContentCreatorName) == creator
@@ -164,7 +167,9 @@ def test_a_seg_with_hostile_strings_passes_dciodvfy_and_reads_back_clean(series,
     assert item.SegmentLabel == label and item.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == label
     assert item.SegmentAlgorithmName == "SegVol"
     assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == long_string(f"v\\1{client}")
-    assert ds.SeriesDescription == long_string(f"SegVol v1 by {client}", "SegVol v1")
+    # the annotator first (cut short), then the time and the version, whatever the name
+    assert ds.SeriesDescription == series_description("v1", client, when)
+    assert ds.SeriesDescription.endswith(" 2024-05-01 14:03:07 SegVol v1") and len(ds.SeriesDescription.encode()) <= 64
     texts = [creator, label, ds.SeriesDescription]
     assert ds.get("SpecificCharacterSet") == ("ISO_IR 192" if any(not t.isascii() for t in texts) else None)
     # the bytes on disk are UTF-8 where the text is not ASCII

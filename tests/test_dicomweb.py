@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from archive import Archive, dciodvfy_errors, dicomweb_server, foreign_seg, save_liver
 from conftest import ROOT
+from lib.archive.seg import short_version
 
 pytestmark = pytest.mark.dicomweb
 RIGHT_LUNG = 84
@@ -98,7 +99,11 @@ def test_a_slicer_session_ends_with_a_seg_in_the_archive(tmp_path):
         assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == image_id
         (segment,) = seg.SegmentSequence
         assert segment.SegmentLabel == "right lung" and segment.SegmentAlgorithmType == "SEMIAUTOMATIC"
-        assert segment.SegmentAlgorithmName == "SegVol" and server.info["model_version"] in seg.SeriesDescription
+        assert segment.SegmentAlgorithmName == "SegVol"
+        assert seg.ContentDescription == f"SegVol {server.info['model_version']}"
+        # the series list tells versions apart: annotator, time, short model version
+        assert seg.SeriesDescription.startswith("anonymous 20")
+        assert seg.SeriesDescription.endswith(f" SegVol {short_version(server.info['model_version'])}")
         code = segment.SegmentedPropertyTypeCodeSequence[0]
         assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == ("39607008", "SCT", "Lung")
         # the laterality modifier inside the type code item, where the standard puts it

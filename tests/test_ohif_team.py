@@ -233,8 +233,9 @@ def test_a_saved_seg_reopens_in_the_segvol_mode_and_the_basic_viewer(team, sessi
     hide = viewer.get_by_text("Confirm and Hide")
     hide.wait_for(timeout=120_000)
     hide.click()
-    assert str(second.SeriesDescription).endswith("by Grace Hopper")  # tells the versions apart in a list
-    viewer.get_by_text("by Grace Hopper").first.dblclick()
+    description = str(second.SeriesDescription)
+    assert description.startswith("Grace Hopper 20") and description != str(seg.SeriesDescription)  # versions apart
+    viewer.get_by_text(description).first.dblclick()
     viewer.get_by_text("Yes", exact=True).click()
     viewer.wait_for_function("() => window.services.segmentationService.getSegmentations().length > 0", timeout=60_000)
     viewer.wait_for_timeout(2000)

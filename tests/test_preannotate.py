@@ -136,7 +136,8 @@ def test_a_draft_seg_per_series_the_corrupt_one_reported_and_a_second_run_has_no
 
     assert sorted(d.ReferencedSeriesSequence[0].SeriesInstanceUID for d in segs) == sorted(archive.series.values())
     for seg in segs:
-        assert seg.ContentLabel == "DRAFT" and seg.SeriesDescription.startswith("DRAFT SegVol seeded-untrained")
+        assert seg.ContentLabel == "DRAFT" and seg.SeriesDescription.startswith("DRAFT 20")  # DRAFT <time> ...
+        assert seg.SeriesDescription.endswith(" SegVol seeded-untrained")
         assert {s.SegmentLabel for s in seg.SegmentSequence} <= {"liver", "spleen"}
         for segment in seg.SegmentSequence:
             assert segment.SegmentAlgorithmType == "AUTOMATIC" and segment.SegmentAlgorithmName == "SegVol"

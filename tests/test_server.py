@@ -18,8 +18,9 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from conftest import ROOT, phantom
-from lib.settings import DEFAULT_AUTO_LABELS
+from lib.settings import DEFAULT_AUTO_LABELS, DEFAULT_CATEGORIES
 from segvol.io import LPS_RAS
+from segvol.vocabulary import default_vocabulary
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -70,15 +71,19 @@ def _ohif(server, model, image, body, output="image"):
     )
 
 
-def test_info_lists_the_tasks_and_the_vocabulary(server):
+def test_info_lists_the_tasks_and_the_configured_categories(server):
     info = server.info
     assert {k: m["type"] for k, m in info["models"].items()} == {
         "segvol": "vista3d",
         "segvol_segmentation": "segmentation",
         "segvol_deepgrow": "deepgrow",
     }
-    labels = info["models"]["segvol"]["labels"]
-    assert len(labels) == 223 and labels["liver"] == LIVER and labels["spleen"] == SPLEEN
+    vocabulary = default_vocabulary()
+    for model in info["models"].values():  # the team's categories (--conf categories), not all 223, in order
+        labels = model["labels"]
+        assert list(labels) == list(DEFAULT_CATEGORIES)
+        assert all(vocabulary.categories[v - 1].name == k for k, v in labels.items())  # vocabulary indices
+    assert labels["liver"] == LIVER and labels["spleen"] == SPLEEN and "brain" not in labels
     assert info["labels"] == sorted(labels, key=labels.get)  # the app-level list, in index order
     assert info["models"]["segvol_segmentation"]["config"] == {"texts": "liver, spleen, right kidney, left kidney"}
     assert "UNTRAINED" in info["warning"] and "seeded" in info["model_version"]
@@ -184,7 +189,7 @@ def test_the_sample_ct_segments_on_its_own_grid(server, tmp_path):
         server,
         "segvol",
         "lung1",
-        {"label_prompt": [223], "zoom_in": False, **OHIF_KEYS},
+        {"label_prompt": [223], "zoom_in": False, **OHIF_KEYS},  # not in /info's labels: still served
     )
     assert r.status_code == 200, r.text
     (tmp_path / "r.nrrd").write_bytes(r.content)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segvol.model import CONFIGS
+from segvol.vocabulary import Resolved, default_vocabulary
 
 DEFAULT_AUTO_LABELS = (
     "liver",
@@ -20,6 +21,22 @@ DEFAULT_AUTO_LABELS = (
     "esophagus",
 )
 
+# what /info offers OHIF's and Slicer's panels: common CT structures, by their vocabulary names; the
+# Auto-Segmentation set among them, since OHIF's Auto-Segmentation asks only for the labels /info lists
+DEFAULT_CATEGORIES = (
+    *DEFAULT_AUTO_LABELS,
+    "right lung",
+    "left lung",
+    "heart",
+    "trachea",
+    "urinary bladder",
+    "colon",
+    "duodenum",
+    "small bowel",
+    "right adrenal gland",
+    "left adrenal gland",
+)
+
 HELP = {
     "weights": "a BAAI/SegVol snapshot folder or a .bin/.safetensors/.pth file; 'hub' (default): the "
     "snapshot in <app>/model/BAAI-SegVol, downloaded from Hugging Face on first start; "
@@ -30,6 +47,8 @@ HELP = {
     "precision": "fp32 (default, faithful); bf16 or fp16: faster, approximate (effect measured in docs/performance.md)",
     "overlap": "zoom-in window overlap: 0.5 (default, faithful); 0.25 or 0: fewer windows, approximate "
     "(docs/performance.md)",
+    "categories": "comma-separated SegVol categories the clients' panels offer (in /info; Slicer makes a segment "
+    "of each); every category stays available by name or index",
     "auto_labels": "comma-separated categories for OHIF's Auto-Segmentation (which asks for every label)",
     "auto_max_labels": "a label_prompt with more indices than this and no clicks counts as Auto-Segmentation (10)",
     "cache_mb": "memory for encodings of recently used images, per server (2048 MB, LRU)",
@@ -87,6 +106,7 @@ class AppSettings:
     zoom_in: bool = True
     precision: str = "fp32"
     overlap: float = 0.5
+    categories: tuple[str, ...] = DEFAULT_CATEGORIES
     auto_labels: tuple[str, ...] = DEFAULT_AUTO_LABELS
     auto_max_labels: int = 10
     cache_mb: float = 2048.0
@@ -129,6 +149,7 @@ class AppSettings:
             zoom_in=_bool(conf, "zoom_in", True),
             datastore_changes=_bool(conf, "datastore_changes", False),
             precision=_choice(conf, "precision", ("fp32", "bf16", "fp16")),
+            categories=_categories(conf),
             auto_labels=labels,
             model_dir=model_dir,
             versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),
@@ -143,6 +164,28 @@ class AppSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+
+def _hint(resolved: Resolved) -> str:
+    close = f" (closest: {', '.join(resolved.suggestions)})" if resolved.suggestions else ""
+    return f"{resolved.typed.strip()!r}{close}"
+
+
+def _categories(conf: dict) -> tuple[str, ...]:
+    """``--conf categories`` as vocabulary names (a synonym becomes its trained name), each once. A
+    name outside the vocabulary is refused: it has no index for /info to list, nor was SegVol trained on it."""
+    text = conf.get("categories")
+    if not text:
+        return DEFAULT_CATEGORIES
+    vocabulary = default_vocabulary()
+    found = [vocabulary.resolve(s) for s in text.split(",") if s.strip()]
+    unknown = [r for r in found if r.category is None]
+    if unknown:
+        hints = "; ".join(_hint(r) for r in unknown)
+        raise ConfError(f"--conf categories: not SegVol categories: {hints}")
+    if not found:
+        raise ConfError(f"--conf categories {text!r}: expected at least one category name")
+    return tuple(dict.fromkeys(r.category.name for r in found))
 
 
 NUMBERS = (

@@ -26,7 +26,7 @@ from pydicom import Dataset
 
 log = logging.getLogger(__name__)
 
-DRAFT_PREFIX = "DRAFT "  # a draft SEG's SeriesDescription starts with it (a final one with "SegVol ")
+DRAFT_PREFIX = "DRAFT "  # a draft SEG's SeriesDescription starts with it (a final one with its creator's name)
 
 
 def is_draft(series: Dataset) -> bool:

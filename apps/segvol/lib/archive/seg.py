@@ -8,8 +8,12 @@ a borrowed wrong code), its type (AUTOMATIC when the saved voxels are exactly Se
 SEMIAUTOMATIC when a person edited SegVol's result, MANUAL when SegVol never produced that
 label for the image) and, unless MANUAL, the Segmentation Algorithm Identification (SegVol, the
 model version that made it). The annotator is ContentCreatorName. Every slice is written (no
-empty frames dropped), so reading back gives the image grid exactly. A pre-annotation draft
-says so in its SeriesDescription (what lib/archive/index.py reads) and its ContentLabel.
+empty frames dropped), so reading back gives the image grid exactly. Each segment carries its
+value's colour (lib/labels/colours.py, the page's) as RecommendedDisplayCIELabValue. The
+SeriesDescription tells versions apart in a viewer's list, where only it shows: the annotator, the
+time to the second and the short model version, within LO's 64 characters; a pre-annotation draft
+starts it with DRAFT_PREFIX (what lib/archive/index.py reads) and says so in its ContentLabel.
+SeriesNumber is the seconds since 2020 (UTC), so it grows from version to version.
 
 Read with pydicom-seg, whose reader gives each segment as an image with the SEG's own geometry
 (highdicom 0.22, the last release for the pydicom 2 that MONAI Label needs, has no volume
@@ -23,6 +27,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -33,11 +38,13 @@ import pydicom
 import pydicom_seg
 import SimpleITK as sitk
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
 import segvol
 from lib.archive.dicom_text import character_set, long_string, person_name
 from lib.archive.index import DRAFT_PREFIX
 from lib.labels.checks import FIRST_FREE_VALUE
+from lib.labels.colours import cielab_dicom, colour
 from segvol.vocabulary import Category, Vocabulary
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ LOCAL_SCHEME = "99SEGVOL"
 ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
 NOT_CODED = Code("C", LOCAL_SCHEME, "Category not coded")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162, algorithm family
+SERIES_EPOCH = datetime(2020, 1, 1, tzinfo=UTC)  # SeriesNumber: seconds since, < 2**31 until 2088
+CREATOR_BYTES = 20  # of the SeriesDescription's 64: the time and the model version must fit after the name
 TEXT_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"}  # what SpecificCharacterSet applies to
 
 
@@ -93,11 +102,45 @@ def describe(seg: Segment, number: int, model_version: str) -> hd.seg.SegmentDes
         anatomic_regions=[_code(snomed["anatomic_region"])] if snomed and snomed.get("anatomic_region") else None,
     )
     description.SegmentDescription = f"segvol-label value {seg.value}"
+    description.RecommendedDisplayCIELabValue = list(cielab_dicom(colour(seg.value)))
     if snomed and snomed.get("modifier"):
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             _code(snomed["modifier"])
         ]
     return description
+
+
+def short_version(model_version: str) -> str:
+    """The part of a model version that tells versions apart: a fine-tuned decoder's name
+    ("...+v0003" -> "v0003"), else the base's first word ("seeded-untrained (segvol-tiny, seed 0)")."""
+    _, plus, decoder = model_version.rpartition("+")
+    if plus and decoder.strip():
+        return decoder.strip()
+    words = model_version.split()
+    return words[0] if words else model_version
+
+
+def _head(text: str, size: int) -> str:
+    """``text`` cut to ``size`` UTF-8 bytes at a character boundary."""
+    return text.encode("utf-8")[:size].decode("utf-8", "ignore").rstrip()
+
+
+def series_description(model_version: str, creator: str, when: datetime, draft: bool = False) -> str:
+    """What a viewer's series list shows, most distinguishing first within 64 characters: a final
+    label "<creator> <YYYY-MM-DD HH:MM:SS> SegVol <short version>" (the name cut to CREATOR_BYTES),
+    a draft "DRAFT <time> SegVol <short version>". A final label never starts with DRAFT_PREFIX
+    (an annotator called "DRAFT ..." gets "by " before the name): it would be listed as a draft."""
+    tail = f"{when:%Y-%m-%d %H:%M:%S} SegVol {short_version(model_version)}"
+    if draft:
+        return long_string(f"{DRAFT_PREFIX}{tail}")
+    name = _head(long_string(creator, "anonymous"), CREATOR_BYTES)
+    text = f"{name} {tail}"
+    return long_string(f"by {text}" if text.startswith(DRAFT_PREFIX) else text)
+
+
+def series_number(when: datetime) -> int:
+    """Seconds since SERIES_EPOCH: later versions list after earlier ones; a valid IS (< 2**31)."""
+    return max(1, min(2**31 - 1, int((when - SERIES_EPOCH).total_seconds())))
 
 
 def _reference(series_dir: Path) -> tuple[sitk.Image, list[pydicom.Dataset]]:
@@ -128,11 +171,14 @@ def write_seg(
     creator: str = "anonymous",
     out: Path | None = None,
     draft: bool = False,
+    when: datetime | None = None,
 ) -> Path:
     """Write a DICOM SEG of ``label_ijk`` (values = Segment.value) over the CT series in ``series_dir``;
     ``creator`` (the annotator) becomes ContentCreatorName; ``draft``: a pre-annotation to correct.
     Client strings (creator, segment names) are made valid DICOM values (lib.archive.dicom_text); the SEG
-    says ISO_IR 192 (UTF-8) where any of its text is not ASCII, so it reads back exactly."""
+    says ISO_IR 192 (UTF-8) where any of its text is not ASCII, so it reads back exactly. ``when``
+    (default: now, local time) dates the SEG: its series and content date and time, its
+    SeriesDescription and SeriesNumber."""
     ref, datasets = _reference(series_dir)
     if tuple(label_ijk.shape) != tuple(ref.GetSize()):
         raise SegError(f"label shape {label_ijk.shape} differs from the image shape {tuple(ref.GetSize())}")
@@ -140,8 +186,7 @@ def write_seg(
     if not present:
         raise SegError("the label is empty: a DICOM SEG needs at least one segment")
     # frames in the datasets' order (slice k), rows = j, columns = i; one plane per segment
-    description = f"{DRAFT_PREFIX}SegVol {model_version}" if draft else f"SegVol {model_version} by {creator}"
-    description = long_string(description, f"SegVol {model_version}")
+    when = (when or datetime.now()).astimezone().replace(microsecond=0)
     frames = np.empty((label_ijk.shape[2], label_ijk.shape[1], label_ijk.shape[0], len(present)), bool)
     for k in range(label_ijk.shape[2]):  # slice by slice: one long copy would hold the GIL (the server's loop)
         for n, s in enumerate(present):
@@ -152,7 +197,7 @@ def write_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[describe(s, n, model_version) for n, s in enumerate(present, start=1)],
         series_instance_uid=hd.UID(),
-        series_number=300,
+        series_number=series_number(when),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="segvol-label",
@@ -162,10 +207,12 @@ def write_seg(
         content_creator_name=person_name(creator),
         content_label="DRAFT" if draft else "SEGVOL",
         content_description=long_string(f"SegVol {model_version}"),
-        series_description=description,
+        series_description=series_description(model_version, creator, when, draft),
         omit_empty_frames=False,
     )
-    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime  # for lists that sort by series time
+    # the time the description shows, also for lists that sort by series or content time
+    seg.SeriesDate = seg.ContentDate = DA(when.date())
+    seg.SeriesTime = seg.ContentTime = TM(when.time())
     # highdicom 0.22 sets no SpecificCharacterSet (nor copies the CT's): without one, pydicom writes
     # what Latin-1 cannot hold as '?'. Every text value counts, also the patient's copied from the CT.
     charset = character_set(*_texts(seg))

@@ -8,6 +8,7 @@ from pathlib import Path
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
+from lib.infers.base import offered
 from lib.infers.deepgrow import SegVolDeepgrow
 from lib.infers.segmentation import SegVolSegmentation
 from lib.infers.vista3d import SegVolVista3D
@@ -28,7 +29,7 @@ class SegVolTaskConfig(TaskConfig):
         self.settings = AppSettings.from_conf(conf, Path(model_dir))
         self.service = ModelHost(self.settings)
         self.team = Team(self.settings.lease_minutes)
-        self.labels = {c.name: c.index for c in self.service.vocabulary.categories}
+        self.labels = offered(self.service)
 
     def infer(self) -> dict[str, InferTask]:
         return {

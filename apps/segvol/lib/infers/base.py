@@ -24,12 +24,20 @@ from segvol.prompts import PromptError
 log = logging.getLogger(__name__)
 
 
+def offered(service: ModelHost) -> dict[str, int]:
+    """The configured categories (``--conf categories``), name -> vocabulary index, in their order:
+    what /info lists for OHIF's and Slicer's panels (Slicer makes a segment of each). The tasks
+    still take every vocabulary index and name; only the list offered is the team's."""
+    vocabulary = service.vocabulary
+    found = [vocabulary.resolve(name).category for name in service.settings.categories]
+    return {c.name: c.index for c in found if c is not None}
+
+
 class SegVolInferTask(InferTask):
     """A thin adapter: subclasses only turn their client's parameters into targets."""
 
     def __init__(self, service: ModelHost, team: Team, type: str, description: str, config: dict | None = None) -> None:
-        labels = {c.name: c.index for c in service.vocabulary.categories}
-        super().__init__(type=type, labels=labels, dimension=3, description=description, config=config)
+        super().__init__(type=type, labels=offered(service), dimension=3, description=description, config=config)
         self.service = service
         self.team = team
 

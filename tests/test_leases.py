@@ -73,16 +73,16 @@ def test_provenance_tells_the_three_kinds_apart(tmp_path):
     served = np.zeros((20, 16, 8), np.uint8)
     served[2:10, 3:9, 1:5] = 7
     rid = provenance.record("img", "ada", "v1", "segvol", [{"value": 7, "text": "liver"}], served, {7: "liver"}, 0.5)
-    assert provenance.origin("img", 7, served == 7).type == AUTOMATIC
-    edited = served == 7
-    edited[15:17, 0:3, 0] = True  # 6 added
-    edited[2, 3, 1] = False  # 1 removed
+    assert provenance.origin("img", 7, served).type == AUTOMATIC
+    edited = served.copy()
+    edited[15:17, 0:3, 0] = 7  # 6 added
+    edited[2, 3, 1] = 0  # 1 removed
     origin = provenance.origin("img", 7, edited)
     assert (origin.type, origin.added, origin.removed, origin.result) == (SEMIAUTOMATIC, 6, 1, rid)
     assert origin.prompts == [{"value": 7, "text": "liver"}] and origin.model_version == "v1"
     assert provenance.origin("img", 3, edited).type == MANUAL
-    assert provenance.origin("other", 7, served == 7).type == MANUAL
+    assert provenance.origin("other", 7, served).type == MANUAL
     for _ in range(2):  # the oldest result of an image goes once per_image newer ones exist
         provenance.record("img", "ada", "v2", "segvol", [], np.zeros_like(served), {7: "liver"}, 0.1)
-    assert provenance.origin("img", 7, served == 7).type == SEMIAUTOMATIC
+    assert provenance.origin("img", 7, served).type == SEMIAUTOMATIC
     assert provenance.last_result(client="ada")["model_version"] == "v2"

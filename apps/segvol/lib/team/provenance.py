@@ -7,12 +7,21 @@ AUTOMATIC when it equals a served mask, SEMIAUTOMATIC when it differs from one (
 and removed are counted against the newest), MANUAL when SegVol never served that value there.
 The store is shared by every process and survives restarts; it keeps the newest ``per_image``
 results of each image and ``total`` in all. Saved labels are kept as history with their makers.
+
+Overlap: the page merges a result into its label map by one rule, the app's own: a result
+replaces its own classes (every voxel free or holding one of them takes the result's value, 0
+where it has none) and voxels held by any other class keep it. So a served mask M of value v
+is compared as the page showed it, M minus the voxels other segments hold in the saved label:
+those are neither expected of v nor counted as removed from it. What the server cannot see: if
+another segment later gives up voxels that had hidden v there (erased by the annotator, or
+replaced by a newer result of its class), those voxels count as removed from v.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -30,6 +39,19 @@ def _bits(mask: np.ndarray) -> bytes:
 
 def _digest(bits: bytes, shape: tuple[int, ...]) -> str:
     return hashlib.blake2b(bits + repr(tuple(shape)).encode(), digest_size=16).hexdigest()
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _ones(packed: np.ndarray) -> int:
+    """The voxels set in packed bits (numpy 1.x has no bitwise_count)."""
+    return int(_POPCOUNT[packed].sum(dtype=np.int64))
+
+
+def _same_grid(row: sqlite3.Row, label: np.ndarray) -> bool:
+    """Whether a served result was on ``label``'s grid (its shape is recorded with its prompts)."""
+    return tuple(json.loads(row["prompts"]).get("shape", ())) == tuple(np.shape(label))
 
 
 @dataclass(frozen=True)
@@ -87,37 +109,75 @@ class Provenance:
             db.execute("DELETE FROM results WHERE id <= (SELECT MAX(id) FROM results) - ?", (self.total,))
         return rid
 
-    def origin(self, image: str, value: int, mask: np.ndarray) -> Origin:
-        """AUTOMATIC, SEMIAUTOMATIC or MANUAL for the saved ``mask`` of ``value`` on ``image``."""
-        bits = _bits(mask)
-        digest = _digest(bits, mask.shape)
+    def origin(self, image: str, value: int, label: np.ndarray) -> Origin:
+        """AUTOMATIC, SEMIAUTOMATIC or MANUAL for ``value`` in the saved ``label`` (uint8 values on the
+        image's grid).
+
+        The other segments of ``label`` are needed because the page hides a served mask where they are
+        (see the module's overlap rule): AUTOMATIC when ``value``'s voxels equal a served mask less
+        those, for any result on ``image`` (the newest such is named); else SEMIAUTOMATIC, counted
+        against the newest. Works on packed bits, 8 voxels a byte, as the masks are stored."""
+        flat = np.asarray(label).ravel(order="F")  # the order the served masks were packed in
+        mine = flat == value
+        saved = np.packbits(mine)
+        digest = _digest(saved.tobytes(), np.shape(label))
+        keep = None  # the voxels no other segment holds, packed; None when there is no other segment
+        others = (flat != 0) ^ mine  # ``mine`` lies within the non-zero voxels
+        if others.any():
+            keep = ~np.packbits(others)
+        del flat, mine, others
+        ones = _ones(saved)
         with self.store.connect() as db:
             rows = db.execute(
-                "SELECT r.id, r.model_version, r.prompts, m.digest FROM masks m JOIN results r ON r.id = m.result "
-                "WHERE r.image = ? AND m.value = ? ORDER BY r.id DESC",
+                "SELECT r.id, r.model_version, r.prompts, m.digest, m.voxels FROM masks m "
+                "JOIN results r ON r.id = m.result WHERE r.image = ? AND m.value = ? ORDER BY r.id DESC",
                 (image, value),
             ).fetchall()
             if not rows:
                 return Origin(MANUAL)
-            exact = next((r for r in rows if r["digest"] == digest), None)
-            if exact is not None:
-                return Origin(AUTOMATIC, exact["model_version"], self._prompts(exact, value), exact["id"])
-            newest = rows[0]
-            served_bits = db.execute(
-                "SELECT bits FROM masks WHERE result = ? AND value = ?", (newest["id"], value)
-            ).fetchone()["bits"]
-        served = np.unpackbits(np.frombuffer(zlib.decompress(served_bits), np.uint8))[: mask.size].astype(bool)
-        saved = mask.ravel(order="F").astype(bool, copy=False)
-        if served.size != saved.size:  # served on another grid: no voxel-wise comparison
-            return Origin(SEMIAUTOMATIC, newest["model_version"], self._prompts(newest, value), newest["id"])
-        return Origin(
-            SEMIAUTOMATIC,
-            newest["model_version"],
-            self._prompts(newest, value),
-            newest["id"],
-            added=int(np.count_nonzero(saved & ~served)),
-            removed=int(np.count_nonzero(served & ~saved)),
-        )
+            newest, counts = rows[0], None
+            for row in rows:
+                # equal to the served mask: AUTOMATIC whatever else the label holds (it is disjoint from it)
+                if row["digest"] == digest:
+                    return self._from(AUTOMATIC, row, value)
+                # otherwise only other segments hiding part of it can make it equal; the page shows at most
+                # the mask's own voxels, so a mask with fewer voxels than saved cannot be it
+                if keep is None or row["voxels"] < ones or not _same_grid(row, label):
+                    continue
+                diff = self._diff(db, row, value, saved, keep)
+                if diff is None:
+                    continue
+                if row is newest:
+                    counts = diff
+                if diff == (0, 0):
+                    return self._from(AUTOMATIC, row, value)
+            if not _same_grid(newest, label):  # served on another grid: no voxel-wise comparison
+                return self._from(SEMIAUTOMATIC, newest, value)
+            if counts is None:
+                counts = self._diff(db, newest, value, saved, keep)
+        if counts is None:
+            return self._from(SEMIAUTOMATIC, newest, value)
+        return self._from(SEMIAUTOMATIC, newest, value, *counts)
+
+    def _from(self, kind: str, row: sqlite3.Row, value: int, added: int = 0, removed: int = 0) -> Origin:
+        """The origin naming a served result, with its model version and the prompts that made ``value``."""
+        return Origin(kind, row["model_version"], self._prompts(row, value), row["id"], added, removed)
+
+    @staticmethod
+    def _diff(
+        db: sqlite3.Connection, row: sqlite3.Row, value: int, saved: np.ndarray, keep: np.ndarray | None
+    ) -> tuple[int, int] | None:
+        """(added, removed): saved voxels of ``value`` the page did not show of this served mask, and
+        shown ones not saved; ``keep`` (the voxels no other segment holds) cuts out what the page hid.
+        None when the mask has another size (another grid)."""
+        bits = db.execute("SELECT bits FROM masks WHERE result = ? AND value = ?", (row["id"], value)).fetchone()
+        shown = np.frombuffer(zlib.decompress(bits["bits"]), np.uint8)
+        if shown.size != saved.size:
+            return None
+        if keep is not None:
+            shown = shown & keep  # the padding bits of ``keep`` are set, the mask's are not: they stay 0
+        diff = shown ^ saved
+        return _ones(diff & saved), _ones(diff & shown)
 
     @staticmethod
     def _prompts(row, value: int) -> list:
@@ -164,6 +224,7 @@ class Provenance:
             rows = db.execute("SELECT * FROM saves WHERE image = ? ORDER BY id DESC", (image,)).fetchall()
         return [
             {
+                "version": r["id"],
                 "client": r["client"],
                 "time": _iso(r["time"]),
                 "tag": r["tag"],

@@ -65,7 +65,7 @@ def _bad(e: Exception, status: int = 400) -> HTTPException:
     return HTTPException(status_code=status, detail=str(e))
 
 
-def _params(text: str, what: str = "params") -> dict:
+def json_params(text: str, what: str = "params") -> dict:
     try:
         check_json_text(text, what)
         value = params_object(text, what)
@@ -168,7 +168,7 @@ def save_label(
     tag: str = DefaultLabelTag.FINAL.value,
     label: Annotated[UploadFile, File()] = ...,
 ) -> dict:
-    save_params = _params(params)
+    save_params = json_params(params)
     instance = app_instance()
     path = spool(label, _max_bytes())
     try:
@@ -186,7 +186,7 @@ def remove_label(id: str, tag: str, user: Changer) -> dict:
 
 
 def _update_label_info(label: str, tag: str, info: str) -> dict:
-    return app_instance().datastore().update_label_info(known_image(label), _tag(tag), _params(info, "info"))
+    return app_instance().datastore().update_label_info(known_image(label), _tag(tag), json_params(info, "info"))
 
 
 @app.put("/datastore/label/info", summary="Rewrite a label's info (admin; off without sign-in)")
@@ -208,7 +208,7 @@ def add_image(
     params: Annotated[str, Form()] = "{}",
     file: Annotated[UploadFile, File()] = ...,
 ) -> dict:
-    info = _params(params)
+    info = json_params(params)
     try:
         image_id = new_id(image if image is not None else Path(file.filename or "").name.split(".")[0])
     except PathError as e:
@@ -240,7 +240,7 @@ def remove_image(id: str, user: Changer) -> dict:
 
 @app.put("/datastore/image/info", summary="Rewrite an image's info (admin; off without sign-in)")
 def put_image_info(image: str, user: Changer, info: Annotated[str, Form()] = "{}"):
-    return app_instance().datastore().update_image_info(known_image(image), _params(info, "info"))
+    return app_instance().datastore().update_image_info(known_image(image), json_params(info, "info"))
 
 
 # ------------------------------------------------------------------ the archive, read-only, for OHIF

@@ -13,6 +13,7 @@ from lib.labels.checks import LabelError, check_tag
 from lib.labels.save import FINAL, Checked, LabelSaver, Saved
 from lib.labels.uploads import UploadError, UploadTooLarge
 from lib.paths import PathError, inside
+from lib.team.conflicts import ConflictError
 from lib.team.identity import IdentityError
 from lib.team.team import Team
 from segvol.io import ImageReadError, read_volume
@@ -74,6 +75,8 @@ class CheckedLabels:
             raise HTTPException(status_code=400, detail=str(e)) from e
         except IdentityError as e:
             raise HTTPException(status_code=e.status, detail=str(e)) from e
+        except ConflictError as e:
+            raise HTTPException(status_code=409, detail=e.as_detail()) from e
         except ImageReadError as e:  # the datastore's own image: listed as unreadable, skipped from now on
             self.team.unreadable.add(image_id, str(e))
             raise HTTPException(status_code=422, detail=f"image {image_id!r} cannot be read: {e}") from e
@@ -88,7 +91,9 @@ class CheckedLabels:
         return {}
 
     def write_label(self, image_id: str, image_path: str, label: np.ndarray, tag: str, info: dict) -> str:
-        """The label file and its index entry, written whole or not at all."""
+        """The label file and its index entry, written whole or not at all. The index is read again
+        first: another process (a replica that fetched the image) may have added the image's entry."""
+        self.fresh()
         if image_id not in self.objects:
             raise no_image(image_id)
         label_dir = self._inside(self.label_dir(check_tag(tag)))

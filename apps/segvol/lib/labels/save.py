@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from lib.labels.checks import LabelError, LabelPart, check_tag, normalise, read_upload
+from lib.team.conflicts import based_on
 from lib.team.identity import client_of
 from lib.team.provenance import MANUAL, Origin
 from lib.team.team import Team
@@ -21,7 +22,7 @@ from segvol.io import read_volume
 from segvol.vocabulary import Vocabulary
 
 FINAL = "final"
-REPORTED = ("client", "model_version", "segments", "SeriesInstanceUID")  # what the client is told
+REPORTED = ("client", "model_version", "segments", "SeriesInstanceUID", "version")  # what the client is told
 
 
 @dataclass
@@ -85,11 +86,30 @@ class LabelSaver:
         return client_of(params)
 
     def save(self, image_id: str, image_path: str, upload: str, tag: str, params: object, to: Destination) -> Saved:
+        """Checked, then stored and recorded while the image is claimed: a final label that names
+        the version it started from is refused (ConflictError) when a colleague's newer one exists."""
+        self.client(params)
+        base, force = self.versions(params)
         checked = self.check(image_id, image_path, upload, tag, params)
+        guard = self.team.final_saves
+        if tag != FINAL or guard is None:
+            return self._store(image_id, image_path, checked, tag, to)
+        with guard.guard(image_id, checked.info["client"], base, force):
+            return self._store(image_id, image_path, checked, tag, to)
+
+    @staticmethod
+    def versions(params: dict) -> tuple[int | None, bool]:
+        """The version the save started from and whether to save anyway (LabelError when malformed)."""
+        try:
+            return based_on(params)
+        except ValueError as e:
+            raise LabelError(str(e)) from e
+
+    def _store(self, image_id: str, image_path: str, checked: Checked, tag: str, to: Destination) -> Saved:
         checked.info.update(to.store(image_id, image_path, checked, tag))
         self.team.saved(image_id, tag, checked.info)
         return Saved(image_id, tag, checked.info)
 
     def _origin(self, image_id: str, value: int, label: np.ndarray) -> Origin:
         provenance = self.team.provenance
-        return provenance.origin(image_id, value, label == value) if provenance is not None else Origin(MANUAL)
+        return provenance.origin(image_id, value, label) if provenance is not None else Origin(MANUAL)

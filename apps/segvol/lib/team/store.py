@@ -4,7 +4,8 @@ Several processes serve one team: the server, its training subprocess, a restart
 second replica on the same host. What they must agree on lives here, never in one process's
 memory: which annotator holds which image (``leases``), what SegVol served (``results`` and
 their ``masks``, to tell AUTOMATIC from SEMIAUTOMATIC from MANUAL when a label is saved) and
-every label saved (``saves``, the history). SQLite in WAL mode lets readers go on while one
+every label saved (``saves``, the history; ``save_claims`` while one is being stored) and each
+annotator's unsaved work (``autosaves``). SQLite in WAL mode lets readers go on while one
 writer commits; every write is one short transaction, so a killed process leaves the file whole.
 """
 
@@ -32,6 +33,11 @@ CREATE TABLE IF NOT EXISTS saves (
     id INTEGER PRIMARY KEY AUTOINCREMENT, image TEXT NOT NULL, client TEXT NOT NULL, time REAL NOT NULL,
     tag TEXT NOT NULL, model_version TEXT NOT NULL, segments TEXT NOT NULL, seg_series TEXT);
 CREATE INDEX IF NOT EXISTS saves_by_image ON saves (image, id);
+CREATE TABLE IF NOT EXISTS save_claims (
+    image TEXT PRIMARY KEY, token TEXT NOT NULL, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS autosaves (
+    image TEXT NOT NULL, client TEXT NOT NULL, time REAL NOT NULL, based_on INTEGER, shape TEXT NOT NULL,
+    names TEXT NOT NULL, voxels BLOB NOT NULL, PRIMARY KEY (image, client));
 """
 
 

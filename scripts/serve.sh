@@ -49,6 +49,6 @@ if [ "$replicas" -gt 0 ]; then
 fi
 echo "segvol-label: MONAI Label on http://$HOST:$PORT (studies: $STUDIES)"
 echo "  info:  http://$HOST:$PORT/info/"
-case $STUDIES in http*) echo "  OHIF:  http://$HOST:$PORT/ohif/ (open the study, then the MONAI Label mode)";; esac
+case $STUDIES in http*) echo "  OHIF:  http://$HOST:$PORT/ohif/ (open a study, then the SegVol annotation mode)";; esac
 env PYTHONPATH=apps/segvol .venv/bin/python -m monailabel.main start_server \
   --app apps/segvol --studies "$STUDIES" --host "$HOST" --port "$PORT" --uvicorn_app server:app "${args[@]}"

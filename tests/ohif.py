@@ -157,6 +157,23 @@ def class_prompt(page, name: str, changes: bool = True):
     return resp.value
 
 
+def point_prompt(page, name: str, clicks):
+    """Pick ``name`` in the MONAI Label panel's point prompts, click at ``clicks`` (fractions of the
+    axial viewport) and Run; returns the infer response."""
+    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Point Prompts"))
+    tab.locator("label.tab-label").click()
+    tab.locator("select.selectBox").select_option("segvol")
+    tab.locator("tr.clickable-row", has_text=name).first.click()
+    box = viewport_box(page, "mpr-axial")
+    for fx, fy in clicks:
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        page.wait_for_timeout(500)
+    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
+        tab.locator("button.actionButton", has_text="Run").click()
+    assert resp.value.status == 200, resp.value.text()
+    return resp.value
+
+
 def viewport_box(page, viewport: str) -> dict:
     """The page rectangle of a viewport (``mpr-axial``...): x, y, width, height."""
     return page.evaluate(VIEWPORT_BOX, viewport)

@@ -188,3 +188,31 @@ def test_the_signed_in_user_is_the_client(realm, tmp_path):
         status = requests.get(f"{srv.url}/segvol/status", params={"client_id": "mallory"}, headers=ada, timeout=30)
         assert status.json()["client"] == "ada" and status.json()["last_result"]["image"] == image
         assert image in IMAGES
+
+
+def test_an_autosave_is_handed_only_to_the_signed_in_user_who_made_it(signed_in):
+    """With sign-in, autosaved work is the token user's: a client_id naming another user reaches
+    nobody else's work, for reading or for dropping."""
+    srv, key = signed_in
+    image = IMAGES[0]
+    shape = nib.load(str(srv.studies / f"{image}.nii.gz")).shape
+    work = np.zeros(shape, np.uint8)
+    work[1:4, 1:4, 1:3] = 5
+    body = {"client_id": "bob", "shape": list(shape), "label_info": [{"value": 5, "name": "liver"}]}
+    r = requests.put(
+        f"{srv.url}/segvol/autosave",
+        params={"image": image},
+        files={"params": (None, json.dumps(body)), "label": ("w.bin", work.tobytes(order="F"))},
+        headers=_token(key, "ada"),
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.json()["client"] == "ada", r.text  # the token's user, not "bob"
+    mine = {"image": image, "client_id": "ada"}
+    as_bob = requests.get(f"{srv.url}/segvol/autosave", params=mine, headers=_token(key, "bob"), timeout=30)
+    assert as_bob.status_code == 404
+    dropped = requests.delete(f"{srv.url}/segvol/autosave", params=mine, headers=_token(key, "bob"), timeout=30)
+    assert dropped.json() == {"dropped": False}
+    as_ada = requests.get(f"{srv.url}/segvol/autosave", params=mine, headers=_token(key, "ada"), timeout=30)
+    assert as_ada.status_code == 200 and as_ada.content == work.tobytes(order="F")
+    nobody = requests.get(f"{srv.url}/segvol/autosave", params=mine, timeout=30)
+    assert nobody.status_code == 401

@@ -13,7 +13,7 @@ import pytest
 
 from archive import Archive, dicomweb_server
 from conftest import ROOT
-from ohif import CHROMIUM_ARGS, chromium, params, server_result, viewport_box
+from ohif import CHROMIUM_ARGS, chromium, params, point_prompt, server_result
 
 pytestmark = pytest.mark.e2e
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "ohif"
@@ -84,17 +84,7 @@ def test_ohif_lists_opens_and_segments_the_sample_study(stack, tmp_path):
     assert counts["counts"] == {segment: expected}
 
     # point prompt: pick the class, click twice in the axial viewport, Run
-    tab = page.locator("div.tab", has=page.locator("label.tab-label", has_text="Point Prompts"))
-    tab.locator("label.tab-label").click()
-    tab.locator("select.selectBox").select_option("segvol")
-    tab.locator("tr.clickable-row", has_text="right lung").first.click()
-    box = viewport_box(page, "mpr-axial")
-    for fx, fy in ((0.27, 0.53), (0.33, 0.58)):
-        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-        page.wait_for_timeout(500)
-    with page.expect_response(lambda r: "/infer/segvol?" in r.url, timeout=120_000) as resp:
-        tab.locator("button.actionButton", has_text="Run").click()
-    assert resp.value.status == 200
+    point_prompt(page, "right lung", ((0.27, 0.53), (0.33, 0.58)))
     sent = params(page.sent[-1])
     assert sent["label_prompt"] == [RIGHT_LUNG] and sent["point_labels"] == [1, 1] and len(sent["points"]) == 2
     assert all(0 <= i < 512 and 0 <= j < 512 and 0 <= k < 48 for i, j, k in sent["points"])

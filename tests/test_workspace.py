@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import phantom
+from lib.team.autosaves import Autosaves
 from lib.team.conflicts import ConflictError, FinalSaves
 from lib.team.provenance import Provenance
 from lib.team.store import TeamStore
@@ -196,3 +197,12 @@ def test_a_save_waits_for_another_save_of_the_image_and_is_checked_against_it(tm
     assert outcome["grace"]["version"] == version and outcome["grace"]["client"] == "Ada"
     with second.guard("img", "Grace", version, False):  # having seen it, Grace may save
         pass
+
+
+def test_the_team_store_keeps_a_bounded_number_of_autosaves(tmp_path):
+    """Without sign-in a client id is a name: many names cannot fill the disk with autosaves."""
+    clock = iter(range(100))
+    autosaves = Autosaves(TeamStore(tmp_path / "team.sqlite"), clock=lambda: next(clock), keep=3)
+    for n in range(5):
+        autosaves.put("img", f"client{n}", b"\x00" * 8, (2, 2, 2), [], None)
+    assert [autosaves.get("img", f"client{n}") is not None for n in range(5)] == [False, False, True, True, True]

@@ -19,6 +19,7 @@ import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
 import requests
+import workspace_routes
 from datastore_routes import Annotator, Manager, Reader, known_image
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -86,7 +87,12 @@ class BodyLimit:
     authentication on, a body past 1 MB needs a valid bearer token before it is read."""
 
     SMALL = 1 << 20
-    UPLOADS = {("PUT", "/datastore/label"), ("PUT", "/datastore/image"), ("PUT", "/datastore/")}
+    UPLOADS = {
+        ("PUT", "/datastore/label"),
+        ("PUT", "/datastore/image"),
+        ("PUT", "/datastore/"),
+        ("PUT", "/segvol/autosave"),
+    }
 
     def __init__(self, app) -> None:
         self.app = app
@@ -160,8 +166,10 @@ async def health() -> JSONResponse:
 
 
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
-# the SegVol mode: the shim of the OHIF build first (it checks that build), then the mode and its panel
-SEGVOL_MODE = tuple(Path(__file__).parent / "static" / name for name in ("ohif-shim.js", "segvol-mode.js"))
+# the SegVol mode: the shim of the OHIF build first (it checks that build), the segments, the box
+# prompt, the workspace panel, then the workspace and the mode
+MODE_FILES = ("ohif-shim.js", "segments.js", "box-prompt.js", "workspace-panel.js", "segvol-mode.js")
+SEGVOL_MODE = tuple(Path(__file__).parent / "static" / name for name in MODE_FILES)
 
 
 def _checked(fn, *args):
@@ -345,6 +353,7 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
         "lease": lease.as_json(leases.clock()) if lease else None,
         "image_held_by": [other.as_json(leases.clock()) for other in others],
         "last_result": provenance.last_result(client=client, image=image) if provenance else None,
+        "newest_label": team.final_saves.newest(image) if team.final_saves and image else None,
         "round": round_,
         "last_round": last,
         "warning": service.warning,
@@ -391,7 +400,7 @@ def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
 # ahead of MONAI Label's own routes (the same paths and methods, which answer no more; and the
 # /ohif/{path} catch-all)
 OVERRIDES = (info, logs, ohif_config, ohif_file, access_token, next_image, infer, train_model, train_all, batch)
-OVERRIDES += datastore_routes.ROUTES
+OVERRIDES += datastore_routes.ROUTES + workspace_routes.ROUTES
 answer_first(app, OVERRIDES)
 
 __all__ = ["app"]

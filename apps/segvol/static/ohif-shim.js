@@ -171,7 +171,10 @@
   }
 
   // ------------------------------------------------------------------ the labelmap
-  const labelmapVolume = () => services()?.segmentationService.getLabelmapVolume(LABELMAP);
+  function labelmapVolume() {
+    const s = services()?.segmentationService;
+    return s && s.getSegmentation(LABELMAP) ? s.getLabelmapVolume(LABELMAP) : null;
+  }
   const labelmapData = () => labelmapVolume()?.voxelManager.getCompleteScalarDataArray() || null;
 
   function setLabelmap(data) {
@@ -205,6 +208,55 @@
 
   const setActiveSegment = index => services().segmentationService.setActiveSegment(LABELMAP, index);
 
+  // the labelmap's segments: index -> {label, color}; add one, remove one, colour one everywhere
+  function segments() {
+    const seg = services().segmentationService.getSegmentation(LABELMAP);
+    const out = {};
+    for (const s of Object.values(seg?.segments || {})) if (s) out[s.segmentIndex] = { label: s.label };
+    return out;
+  }
+  const addSegment = (index, label, color) =>
+    services().segmentationService.addSegment(LABELMAP, { segmentIndex: index, label, color: [...color, 255] });
+
+  function setSegmentColor(index, color) {
+    const { segmentationService } = services();
+    for (const viewportId of segmentationService.getViewportIdsWithSegmentation(LABELMAP)) {
+      segmentationService.setSegmentColor(viewportId, LABELMAP, index, [...color, 255]);
+    }
+  }
+
+  // the active segment's index (the one the brush paints), or null
+  function activeSegment() {
+    const seg = services().segmentationService.getSegmentation(LABELMAP);
+    const active = Object.values(seg?.segments || {}).find(s => s && s.active);
+    return active ? active.segmentIndex : null;
+  }
+
+  // ------------------------------------------------------------------ geometry
+  // The labelmap's grid (the CT volume's): voxel (i, j, k) <-> world millimetres.
+  function grid() {
+    const volume = labelmapVolume();
+    if (!volume?.imageData) return null;
+    const data = volume.imageData;
+    return {
+      dimensions: [...volume.dimensions],
+      spacing: [...data.getSpacing()],
+      toIndex: world => [...data.worldToIndex(world)],
+      toWorld: ijk => [...data.indexToWorld(ijk)],
+    };
+  }
+
+  // every cornerstone viewport of the layout: id, element, canvas <-> world, the camera
+  function viewports() {
+    const { viewportGridService, cornerstoneViewportService } = services();
+    const out = [];
+    for (const [id] of viewportGridService.getState().viewports) {
+      const vp = cornerstoneViewportService.getCornerstoneViewport(id);
+      if (vp?.element && vp.canvasToWorld) out.push({ id, viewport: vp, element: vp.element, canvas: vp.canvas });
+    }
+    return out;
+  }
+
   function onLabelmapModified(callback) {
     const { segmentationService } = services();
     segmentationService.subscribe(segmentationService.EVENTS.SEGMENTATION_DATA_MODIFIED, ({ segmentationId }) => {
@@ -223,9 +275,23 @@
     }
   }
 
+  // SEG series are no images of this mode, yet OHIF's stack handler makes display sets of them
+  // (listed with the CT; one put in an MPR viewport breaks the layout): they are dropped as they
+  // come. Saved labels open through the workspace. Returns the unsubscribe function.
+  function hideSegSeries() {
+    const { displaySetService } = services();
+    const drop = () =>
+      displaySetService
+        .getActiveDisplaySets()
+        .filter(d => d.Modality === 'SEG')
+        .forEach(d => displaySetService.deleteDisplaySet(d.displaySetInstanceUID));
+    drop();
+    return displaySetService.subscribe(displaySetService.EVENTS.DISPLAY_SETS_ADDED, () => setTimeout(drop)).unsubscribe;
+  }
+
   // ------------------------------------------------------------------ MONAI Label's panel
   // It talks to the server in this cookie (it reads it when it mounts, and its first connect uses it).
-  const pointMonaiLabelAt = url => (document.cookie = 'MONAILABEL_SERVER_URL=' + escape(url));
+  const pointMonaiLabelAt = url => (document.cookie = 'MONAILABEL_SERVER_URL=' + escape(url) + '; path=/');
 
   // Connected to ``url`` by its own form (again in 10 s if the server did not answer).
   function connectMonaiLabel(url) {
@@ -272,8 +338,15 @@
     segmentsByName,
     segmentLabel,
     setActiveSegment,
+    segments,
+    addSegment,
+    setSegmentColor,
+    activeSegment,
+    grid,
+    viewports,
     onLabelmapModified,
     showLabelmapEverywhere,
+    hideSegSeries,
     pointMonaiLabelAt,
     connectMonaiLabel,
     hideStockActiveLearning,

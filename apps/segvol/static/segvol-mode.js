@@ -1,14 +1,14 @@
 // segvol-label: the SegVol mode for OHIF 3.10 as bundled in MONAI Label 0.8.5, added through
 // app-config.js (no OHIF fork, no rebuild). Route /ohif/segvol?StudyInstanceUIDs=...
 //
-// Left: the SegVol workspace panel (annotator, next image, save, undo, model and round status,
-// the image's saved labels). Right: MONAI Label's panel (class and point prompts) and OHIF's
-// segmentation panel with its editing tools (brush, eraser, threshold brush, scissors) on the
-// labelmap that SegVol fills. Why these pieces, and the OHIF 3.10 bugs they avoid: README,
-// "Annotating in OHIF".
+// Left: the SegVol workspace (annotator, next image, save, undo, the segment painted, the box
+// prompt, model and round status, the image's saved labels): its logic here, its panel in
+// workspace-panel.js. Right: MONAI Label's panel (class and point prompts) and OHIF's segmentation
+// panel with its editing tools (brush, eraser, threshold brush, scissors) on the labelmap that
+// SegVol fills. Why these pieces, and the OHIF 3.10 bugs they avoid: docs/ohif.md.
 //
-// What depends on the OHIF build (webpack module ids, OHIF's extension and service ids, the MONAI
-// Label panel's markup) is in ohif-shim.js, sent before this file: window.segvolOhif.
+// Sent after ohif-shim.js (what depends on the OHIF build: window.segvolOhif), segments.js (the
+// catalogue, the overlap rule), box-prompt.js and workspace-panel.js.
 (function () {
   'use strict';
   const config = window.config;
@@ -19,7 +19,10 @@
   const ANNOTATOR_KEY = 'segvol-label.annotator';
   const STRATEGY_KEY = 'segvol-label.strategy';
   const MAX_UNDO = 30;
-  const { currentSeries, labelmapData, segmentLabel, segmentsByName, setLabelmap } = ohif;
+  const { currentSeries, labelmapData, segmentLabel, setLabelmap } = ohif;
+  const { catalog, segments, writeNamed } = window.segvolSegments;
+  const { box, run: runBox } = window.segvolBox;
+  const AUTOSAVE_MS = 2000; // unsaved work reaches the server this long after the last change
 
   const onSegVolPage = () => location.pathname.replace(/\/+$/, '').endsWith('/' + ROUTE);
 
@@ -90,7 +93,8 @@
       this.baseline = new Uint8Array(data);
       this.steps = [];
     },
-    record(data) {
+    // ``removed``: segments ({index, label}) deleted by this step, added back by its undo
+    record(data, removed = []) {
       if (!this.baseline || this.baseline.length !== data.length) {
         this.reset(data);
         return false;
@@ -105,18 +109,20 @@
         }
       }
       if (!idx.length) return false;
-      this.steps.push({ idx: Uint32Array.from(idx), before: Uint8Array.from(before) });
+      this.steps.push({ idx: Uint32Array.from(idx), before: Uint8Array.from(before), removed });
       if (this.steps.length > MAX_UNDO) this.steps.shift();
       return true;
     },
     undo() {
       const step = this.steps.pop();
       if (!step) return false;
+      for (const seg of step.removed) ohif.addSegment(seg.index, seg.label, catalog.colour(seg.label));
       const data = labelmapData();
       for (let n = 0; n < step.idx.length; n++) {
         data[step.idx[n]] = step.before[n];
         this.baseline[step.idx[n]] = step.before[n];
       }
+      expected.write = true;
       setLabelmap(data);
       return true;
     },
@@ -128,6 +134,14 @@
   };
 
   // ------------------------------------------------------------------ the server
+  class ServerError extends Error {
+    constructor(status, detail) {
+      super(`${status}: ${typeof detail === 'string' ? detail : (detail && detail.message) || JSON.stringify(detail)}`);
+      this.status = status;
+      this.detail = detail;
+    }
+  }
+
   async function api(path, options = {}) {
     const r = await fetch(path, options);
     let body = null;
@@ -135,14 +149,30 @@
     if (type.includes('json')) body = await r.json();
     else if (type.includes('octet-stream')) body = await r.arrayBuffer();
     else body = await r.text();
-    if (!r.ok) {
-      const detail = body && body.detail ? body.detail : r.statusText;
-      throw new Error(`${r.status}: ${typeof detail === 'string' ? detail : JSON.stringify(detail)}`);
-    }
+    if (!r.ok) throw new ServerError(r.status, body && body.detail ? body.detail : r.statusText);
     return { body, headers: r.headers };
   }
 
+  // the labelmap's raw bytes, gzip-compressed (a labelmap is mostly zeros: an autosave stays small)
+  async function gzip(data) {
+    const stream = new Blob([data]).stream().pipeThrough(new CompressionStream('gzip'));
+    return new Blob([await new Response(stream).arrayBuffer()]);
+  }
+
+  // value -> segment name for every value in ``data`` (a value with no segment row is an error)
+  function namesOf(data) {
+    const present = new Set();
+    for (let i = 0; i < data.length; i++) if (data[i]) present.add(data[i]);
+    const values = [...present].sort((a, b) => a - b);
+    const unnamed = values.filter(v => !segmentLabel(v));
+    return { values, unnamed, info: values.map(v => ({ value: v, name: segmentLabel(v) })) };
+  }
+
+  const when = iso => (iso ? iso.slice(11, 16) : '?');
+
   // ------------------------------------------------------------------ the workspace
+  const expected = { write: false }; // the next labelmap change is a result or an opened label, not a stroke
+
   const workspace = {
     listeners: new Set(),
     state: {
@@ -154,14 +184,36 @@
       strategy: localStorage.getItem(STRATEGY_KEY) || 'uncertainty',
       strategies: ['uncertainty'],
       canUndo: false,
+      active: null,
+      conflict: null,
+      box: box.snapshot(),
+      search: '',
     },
     labels: {}, // /info label index -> name
+    image: null, // the series whose labelmap the page holds, once restored or opened
+    basedOn: null, // the version of the final label the work started from (0: none)
     set(patch) {
       Object.assign(this.state, patch);
       this.listeners.forEach(f => f({ ...this.state }));
     },
     say(message, ok = true) {
       this.set({ message, ok });
+    },
+    annotator,
+    // a new name: kept in this browser; the image's work is looked up again under it (unless unsaved work is in view)
+    rename(name) {
+      const changed = name && name !== annotator();
+      if (name) localStorage.setItem(ANNOTATOR_KEY, name);
+      if (changed && !this.dirty()) this.image = null;
+      this.refresh();
+    },
+    setStrategy(strategy) {
+      localStorage.setItem(STRATEGY_KEY, strategy);
+      this.set({ strategy });
+    },
+    dirty() {
+      const data = labelmapData();
+      return !!data && history.dirty(data);
     },
 
     async info() {
@@ -170,6 +222,7 @@
       const model = body.models && body.models.segvol;
       for (const [name, idx] of Object.entries((model && model.labels) || {})) this.labels[idx] = name;
       this.set({ strategies: Object.keys(body.strategies || {}) });
+      await catalog.load();
     },
 
     async refresh() {
@@ -179,9 +232,34 @@
       if (where && where.series !== this.historyOf) this.loadHistory(); // a new image in view
       try {
         const { body } = await api('/segvol/status?' + q);
+        this.follow(this.state.status, body, where);
         this.set({ status: body });
       } catch (e) {
         this.set({ status: { error: String(e.message || e) } });
+      }
+    },
+
+    // What changed since the last look: a colleague's new label, a lease that ended, a round over.
+    follow(before, now, where) {
+      if (!before || !where || before.error) return;
+      const newest = now.newest_label;
+      const seen = before.newest_label;
+      if (newest && (!seen || seen.version !== newest.version)) {
+        this.loadHistory();
+        if (newest.client !== annotator() && newest.version !== this.basedOn) {
+          this.say(`${newest.client} saved a label of this image at ${when(newest.time)} (version ${newest.version}). ` +
+            'Your work is kept; when you save you can open theirs, take segments from both, or save yours as a new version.', false);
+        }
+      }
+      const held = l => l && l.image === where.series;
+      const changed = newest && (!seen || seen.version !== newest.version);
+      if (held(before.lease) && !held(now.lease) && !(changed && newest.client === annotator())) {
+        const by = changed ? ` because ${newest.client} saved its final label at ${when(newest.time)}` : ' (it ran out)';
+        this.say(`Your lease on this image ended${by}: another annotator may be handed it.`, false);
+      }
+      const running = s => s.round && s.round.state === 'running';
+      if (running(before) && !running(now) && /round started/.test(this.state.message)) {
+        this.say('The fine-tune round ended: its result shows below.');
       }
     },
 
@@ -197,25 +275,101 @@
       }
     },
 
+    // A result of MONAI Label's panel: the class just prompted becomes the segment the tools paint.
     onResult(params) {
-      // the class just prompted becomes the segment the editing tools paint
       const prompted = params.label_prompt && params.label_prompt.length ? params.label_prompt[0] : null;
+      expected.write = true;
+      const name = this.labels[prompted];
+      if (name) segments.chosen = true;
       setTimeout(() => {
-        const name = this.labels[prompted];
-        const index = name ? segmentsByName()[name] : null;
-        if (index) ohif.setActiveSegment(index);
+        if (name && segments.indexOf(name)) segments.choose(name);
         this.refresh();
       }, 300);
     },
 
+    // ---------------------------------------------------------------- on arriving at an image
+    // Once the labelmap exists: this annotator's autosaved work, else the image's final label.
+    async arrive() {
+      const where = currentSeries();
+      if (!where || !labelmapData() || this.image === where.series || this.arriving) return;
+      this.arriving = true;
+      try {
+        await this.info();
+        this.image = where.series;
+        segments.reset();
+        const q = new URLSearchParams({ image: where.series, client_id: annotator() });
+        const r = await fetch('/segvol/autosave?' + q);
+        if (r.ok) {
+          const meta = JSON.parse(r.headers.get('X-SegVol-Autosave') || '{}');
+          this.show(new Uint8Array(await r.arrayBuffer()), JSON.parse(r.headers.get('X-SegVol-Labels') || '{}'));
+          this.basedOn = meta.based_on ?? null;
+          history.saved = null;
+          this.say(`Restored your unsaved work from ${when(meta.time)} (autosaved on the server; it becomes a label when you save).`);
+          return;
+        }
+        const { body } = await api('/segvol/labels?image=' + encodeURIComponent(where.series));
+        this.set({ history: body });
+        const final = body.find(e => !e.draft && e.version);
+        this.basedOn = final ? final.version : 0;
+        if (final) await this.open(final, true);
+      } catch (e) {
+        this.say(`Could not restore this image's work: ${e.message}`, false);
+      } finally {
+        this.arriving = false;
+      }
+    },
+
+    // ``raw`` voxels (values named by ``names``) shown as the labelmap; the first segment active
+    show(raw, names) {
+      const data = labelmapData();
+      if (raw.length !== data.length) throw new Error(`the label has ${raw.length} voxels, the image ${data.length}`);
+      const shown = writeNamed(data, raw, names);
+      expected.write = true;
+      setLabelmap(data);
+      if (shown.length) segments.choose(shown[0]);
+      this.set({ active: segments.active() });
+      return shown;
+    },
+
+    // ---------------------------------------------------------------- autosave
+    scheduleAutosave() {
+      clearTimeout(this.autosaveTimer);
+      this.autosaveTimer = setTimeout(() => this.autosave(), AUTOSAVE_MS);
+    },
+
+    async autosave() {
+      const data = labelmapData();
+      const where = currentSeries();
+      if (!data || !where || where.series !== this.image || !history.dirty(data)) return;
+      if (this.autosaving) return this.scheduleAutosave();
+      const { unnamed, info } = namesOf(data);
+      if (unnamed.length) return;
+      this.autosaving = true;
+      try {
+        const form = new FormData();
+        const shape = ohif.grid().dimensions;
+        const params = { client_id: annotator(), shape, label_info: info, based_on: this.basedOn, encoding: 'gzip' };
+        form.append('params', JSON.stringify(params));
+        form.append('label', await gzip(data), 'label.bin.gz');
+        const { body } = await api('/segvol/autosave?image=' + encodeURIComponent(where.series), { method: 'PUT', body: form });
+        this.set({ autosaved: body.time });
+      } catch (e) {
+        this.say(`Your work was not autosaved: ${e.message}`, false);
+      } finally {
+        this.autosaving = false;
+      }
+    },
+
+    // ---------------------------------------------------------------- next image, save, open
     async nextImage() {
       const edited = labelmapData();
       if (edited && history.dirty(edited)) {
-        if (!window.confirm('This image has edits that are not saved. Leave it anyway?')) return;
+        if (!window.confirm('This image has edits that are not saved (they are autosaved: you will find them when you come back). Leave it anyway?')) return;
       }
       this.set({ busy: 'next' });
       this.say(`Asking the server for the next image (${this.state.strategy})...`);
       try {
+        await this.autosave();
         const { body } = await api('/activelearning/' + encodeURIComponent(this.state.strategy), {
           method: 'POST',
           headers: { 'Content-Type': 'application/json' },
@@ -231,6 +385,7 @@
           StudyInstanceUIDs: body.StudyInstanceUID,
           initialSeriesInstanceUID: body.id,
         });
+        leaving = true;
         location.assign(`${config.routerBasename.replace(/\/$/, '')}/${ROUTE}?${q}`);
       } catch (e) {
         this.say(`Next image failed: ${e.message}`, false);
@@ -239,69 +394,108 @@
       }
     },
 
-    async save() {
+    async save(force = false) {
       const data = labelmapData();
       const where = currentSeries();
       if (!data || !where) return this.say('No segmentation yet: run a prompt first.', false);
-      const present = new Set();
-      for (let i = 0; i < data.length; i++) if (data[i]) present.add(data[i]);
-      const values = [...present].sort((a, b) => a - b);
+      const { values, unnamed, info } = namesOf(data);
       if (!values.length) return this.say('The segmentation is empty: nothing to save.', false);
+      if (unnamed.length) return this.say(`Voxels of value ${unnamed.join(', ')} belong to no segment: undo the deletion or erase them.`, false);
       const form = new FormData();
-      const labelInfo = values.map(v => ({ name: segmentLabel(v) || `segment ${v}` }));
-      form.append('params', JSON.stringify({ label_info: labelInfo, client_id: annotator() }));
+      const params = { label_info: info.map(x => ({ name: x.name })), client_id: annotator(), based_on: this.basedOn ?? 0, force };
+      form.append('params', JSON.stringify(params));
       form.append('label', new Blob([new Uint8Array(data.buffer, data.byteOffset, data.byteLength)]), 'label.bin');
-      this.set({ busy: 'save' });
+      this.set({ busy: 'save', conflict: null });
       this.say('Saving...');
       const t0 = performance.now();
       try {
+        clearTimeout(this.autosaveTimer);
         const { body } = await api(`/datastore/label?image=${encodeURIComponent(where.series)}&tag=final`, {
           method: 'PUT',
           body: form,
         });
         history.saved = new Uint8Array(data);
+        this.basedOn = body.version ?? this.basedOn;
         const kinds = (body.segments || []).map(s => {
           const edit = s.type === 'SEMIAUTOMATIC' ? ` +${s.added}/−${s.removed} voxels` : '';
           return `${s.name}: ${s.type}${edit}`;
         });
         const seconds = ((performance.now() - t0) / 1000).toFixed(1);
-        this.say(`Saved to the archive in ${seconds} s as ${body.client || annotator()} (${kinds.join('; ')}).`);
+        this.say(`Saved to the archive in ${seconds} s as ${body.client || annotator()}, version ${body.version} (${kinds.join('; ')}).`);
         window.segvolLastSave = { seconds: Number(seconds), response: body };
         this.loadHistory();
         this.refresh();
       } catch (e) {
-        this.say(`Not saved: ${e.message}`, false);
+        if (e.status === 409 && e.detail && e.detail.newest) {
+          this.set({ conflict: e.detail });
+          this.say(`Not saved yet: ${e.detail.message}.`, false);
+        } else this.say(`Not saved: ${e.message}`, false);
       } finally {
         this.set({ busy: '' });
       }
     },
 
-    async open(entry) {
+    // The conflict dialog's answers: open theirs, take segments from both, or save anyway.
+    async resolve(choice) {
+      const conflict = this.state.conflict;
+      if (!conflict) return;
+      this.set({ conflict: null });
+      const theirs = { ...conflict.newest, seg_series: conflict.newest.seg_series };
+      if (choice === 'force') return this.save(true);
+      if (choice === 'open') return this.open(theirs);
+      if (choice === 'merge') return this.merge(theirs);
+    },
+
+    // Their label's segments that this work lacks, added where this work leaves voxels free.
+    async merge(entry) {
+      this.set({ busy: 'open' });
+      try {
+        const { raw, names } = await this.fetchLabel(entry);
+        const data = labelmapData();
+        const mine = new Set(namesOf(data).info.map(x => x.name)); // the segments this work holds voxels of
+        const active = ohif.activeSegment();
+        const taken = [];
+        for (const [value, name] of Object.entries(names)) {
+          if (mine.has(name)) continue;
+          const index = segments.ensure(name);
+          const v = Number(value);
+          for (let i = 0; i < raw.length; i++) if (raw[i] === v && !data[i]) data[i] = index;
+          taken.push(name);
+        }
+        if (active) ohif.setActiveSegment(active);
+        expected.write = true;
+        setLabelmap(data);
+        this.basedOn = entry.version;
+        this.say(`Took ${taken.length ? taken.join(', ') : 'nothing (you have every segment they have)'} from ${entry.client}'s version ${entry.version}; yours kept the rest. Save to store both.`);
+      } catch (e) {
+        this.say(`Could not take their segments: ${e.message}`, false);
+      } finally {
+        this.set({ busy: '' });
+      }
+    },
+
+    async fetchLabel(entry) {
+      const q = new URLSearchParams({ image: currentSeries().series });
+      if (entry && entry.seg_series) q.set('seg', entry.seg_series);
+      const { body, headers } = await api('/segvol/labels/voxels?' + q);
+      return { raw: new Uint8Array(body), names: JSON.parse(headers.get('X-SegVol-Labels') || '{}') };
+    },
+
+    async open(entry, onArrival = false) {
       const where = currentSeries();
       if (!where || !labelmapData()) return this.say('Connect the MONAI Label panel first (it creates the labelmap).', false);
       this.set({ busy: 'open' });
       try {
-        const q = new URLSearchParams({ image: where.series });
-        if (entry && entry.seg_series) q.set('seg', entry.seg_series);
-        const { body, headers } = await api('/segvol/labels/voxels?' + q);
-        const names = JSON.parse(headers.get('X-SegVol-Labels') || '{}');
-        const bySegment = segmentsByName();
-        const lut = new Uint8Array(256);
-        const missing = [];
-        for (const [value, name] of Object.entries(names)) {
-          if (bySegment[name]) lut[Number(value)] = bySegment[name];
-          else missing.push(name);
-        }
-        const raw = new Uint8Array(body);
-        const data = labelmapData();
-        if (raw.length !== data.length) throw new Error(`the label has ${raw.length} voxels, the image ${data.length}`);
-        for (let i = 0; i < raw.length; i++) data[i] = lut[raw[i]];
-        setLabelmap(data);
-        history.saved = new Uint8Array(data);
+        const { raw, names } = await this.fetchLabel(entry);
+        const shown = this.show(raw, names);
+        history.saved = new Uint8Array(labelmapData());
+        if (entry && entry.version && !entry.draft) this.basedOn = entry.version;
         const who = entry ? entry.client || entry.creator || 'unknown' : 'final label';
+        const what = entry && entry.draft ? 'draft (not a final label until you save it)' : onArrival ? "image's final label" : 'label';
         this.say(
-          `Opened the ${entry && entry.draft ? 'draft (not a final label until you save it)' : 'label'} saved by ${who}${entry && entry.time ? ' at ' + entry.time : ''}: edit it and save a new version.` +
-            (missing.length ? ` Not shown (no such segment here): ${missing.join(', ')}.` : '')
+          `${onArrival ? 'Showing' : 'Opened'} the ${what} saved by ${who}${entry && entry.time ? ' at ' + entry.time : ''}` +
+            `${entry && entry.version ? ' (version ' + entry.version + ')' : ''}: edit it and save a new version.` +
+            (shown.length ? ` Painting: ${shown[0]}.` : '')
         );
       } catch (e) {
         this.say(`Could not open the label: ${e.message}`, false);
@@ -313,6 +507,37 @@
     undo() {
       if (!history.undo()) this.say('Nothing to undo.', false);
       this.set({ canUndo: history.steps.length > 0 });
+    },
+
+    // ---------------------------------------------------------------- segments and the box
+    choose(name) {
+      try {
+        segments.choose(name);
+        this.set({ active: segments.active(), search: '' });
+      } catch (e) {
+        this.say(e.message, false);
+      }
+    },
+
+    async runBox() {
+      const where = currentSeries();
+      if (!where || !labelmapData()) return this.say('Connect the MONAI Label panel first (it creates the labelmap).', false);
+      this.set({ busy: 'box' });
+      this.say('Running the box prompt...');
+      const t0 = performance.now();
+      try {
+        const { params, changed, segment, data } = await runBox(where.series, annotator());
+        expected.write = true;
+        setLabelmap(data);
+        window.segvolLastBox = params;
+        const seconds = ((performance.now() - t0) / 1000).toFixed(1);
+        this.say(`Box prompt for ${segment} in ${seconds} s: ${changed} voxels changed.`);
+        this.refresh();
+      } catch (e) {
+        this.say(`The box prompt did not run: ${e.message}`, false);
+      } finally {
+        this.set({ busy: '' });
+      }
     },
 
     async startRound() {
@@ -334,21 +559,67 @@
   };
   window.segvolWorkspace = workspace;
   ohif.onProblem(problem => workspace.say(`This OHIF does not fit the SegVol mode: ${problem}`, false));
+  box.listeners.add(snapshot => workspace.set({ box: snapshot }));
 
   // ------------------------------------------------------------------ page upkeep
-  // The labelmap on every viewport of the layout; MONAI Label's panel connected to this server.
+  // The labelmap on every viewport of the layout; MONAI Label's panel connected to this server;
+  // the image's work restored; segments in the team's colours; a deleted segment's voxels cleared.
   function upkeep() {
     if (!onSegVolPage() || !ohif.services()) return;
     ohif.showLabelmapEverywhere();
     ohif.connectMonaiLabel(serverUrl());
+    if (!labelmapData()) return;
+    workspace.arrive();
+    if (catalog.entries.length) segments.paint();
+    clearDeleted();
+    noticeChoice();
+    const active = segments.active();
+    const shown = workspace.state.active;
+    if (!active !== !shown || (active && (active.index !== shown.index || active.chosen !== shown.chosen))) workspace.set({ active });
   }
 
-  // MONAI Label's panel talks to the server that serves this page.
+  // A segment deleted in OHIF's list takes its voxels with it (undo brings both back).
+  let known = {};
+  function clearDeleted() {
+    const now = ohif.segments();
+    const removed = Object.keys(known).filter(i => !now[i]).map(i => ({ index: Number(i), label: known[i].label }));
+    known = now;
+    if (!removed.length) return;
+    const data = labelmapData();
+    const gone = new Set(removed.map(r => r.index));
+    let cleared = 0;
+    for (let i = 0; i < data.length; i++) {
+      if (gone.has(data[i])) {
+        data[i] = 0;
+        cleared++;
+      }
+    }
+    clearTimeout(settleTimer);
+    expected.write = true;
+    if (cleared) setLabelmap(data);
+    if (history.record(data, removed)) workspace.set({ canUndo: true });
+    else if (history.steps.length) history.steps[history.steps.length - 1].removed.push(...removed);
+    expected.write = false;
+    workspace.scheduleAutosave();
+    workspace.say(`Deleted ${removed.map(r => r.label).join(', ')} and its ${cleared} voxels (Undo brings them back).`);
+  }
+
+  // The annotator picked a segment in OHIF's list: that is a choice.
+  let lastActive = null;
+  function noticeChoice() {
+    const index = ohif.activeSegment();
+    const clicked = Date.now() - lastPointer < 1500;
+    if (index !== lastActive && lastActive !== null && clicked && !workspace.arriving) segments.chosen = true;
+    lastActive = index;
+  }
+
+  // MONAI Label's panel talks to the server that serves this page, from its very first call.
   const serverUrl = () => location.origin + '/';
   const pointPanelAtUs = () => ohif.pointMonaiLabelAt(serverUrl());
-  if (onSegVolPage()) pointPanelAtUs();
+  pointPanelAtUs();
 
   // A change is recorded once it settles: not while the mouse is down (a stroke in progress).
+  // A stroke made before anyone chose the segment it paints is taken back: never a default.
   let settleTimer = null;
   let mouseDown = false;
   let pending = false;
@@ -362,13 +633,28 @@
         return;
       }
       pending = false;
-      if (history.record(data)) {
-        workspace.set({ canUndo: history.steps.length > 0 });
-      }
+      const ours = expected.write;
+      expected.write = false;
+      if (!history.record(data)) return;
+      const step = history.steps[history.steps.length - 1];
+      const painted = step.idx.some(i => data[i] !== 0);
+      if (!ours && painted && !segments.chosen && workspace.image) {
+        history.undo();
+        workspace.say('Nothing painted: choose the segment to paint first (OHIF\'s segment list, or Find a structure in this panel).', false);
+      } else workspace.scheduleAutosave();
+      workspace.set({ canUndo: history.steps.length > 0 });
     }, 250);
   }
   const watchEdits = () => ohif.onLabelmapModified(settle);
-  document.addEventListener('mousedown', () => (mouseDown = true), true);
+  let lastPointer = 0;
+  document.addEventListener(
+    'mousedown',
+    () => {
+      mouseDown = true;
+      lastPointer = Date.now();
+    },
+    true
+  );
   document.addEventListener(
     'mouseup',
     () => {
@@ -384,196 +670,15 @@
     }
   });
 
-  // ------------------------------------------------------------------ the panel
-  function WorkspacePanel() {
-    const { createElement: h, useEffect, useState } = ohif.react();
-    const [state, setState] = useState({ ...workspace.state });
-    const [name, setName] = useState(annotator());
-    useEffect(() => {
-      workspace.listeners.add(setState);
-      workspace.info().catch(e => workspace.say(`Cannot reach the server: ${e.message}`, false));
-      workspace.refresh();
-      workspace.loadHistory();
-      const note = sessionStorage.getItem('segvol-label.note');
-      if (note) {
-        workspace.say(`Note: ${note}`, false);
-        sessionStorage.removeItem('segvol-label.note');
-      }
-      const timer = setInterval(() => workspace.refresh(), 3000);
-      return () => {
-        workspace.listeners.delete(setState);
-        clearInterval(timer);
-      };
-    }, []);
-    const s = state.status || {};
-    const round = s.round;
-    const last = s.last_round;
-    const button = (id, label, onClick, disabled) =>
-      h(
-        'button',
-        {
-          id,
-          onClick,
-          disabled: !!disabled || !!state.busy,
-          style: {
-            padding: '5px 10px',
-            margin: '0 6px 6px 0',
-            borderRadius: 4,
-            border: 0,
-            background: disabled || state.busy ? '#3a4a5a' : '#0a5d8a',
-            color: 'white',
-            cursor: 'pointer',
-          },
-        },
-        label
-      );
-    const row = (label, value, id) =>
-      h('div', { style: { margin: '3px 0' } }, h('span', { style: { color: '#9ab' } }, label + ' '), h('span', { id }, value));
-    const pct = round && round.total ? Math.round((100 * round.done) / round.total) : 0;
-    return h(
-      'div',
-      { id: 'segvol-workspace', style: { padding: 10, color: 'white', fontSize: 13, overflowY: 'auto' } },
-      h('div', { style: { fontWeight: 'bold', fontSize: 15, marginBottom: 8 } }, 'SegVol workspace'),
-      h(
-        'label',
-        { style: { display: 'block', marginBottom: 8 } },
-        'Annotator ',
-        h('input', {
-          id: 'segvol-annotator',
-          value: name,
-          onChange: e => setName(e.target.value),
-          onBlur: () => {
-            if (name.trim()) localStorage.setItem(ANNOTATOR_KEY, name.trim());
-            workspace.refresh();
-          },
-          style: { width: '100%', color: 'black', padding: 3 },
-        })
-      ),
-      h(
-        'div',
-        null,
-        button('segvol-next', 'Next image', () => workspace.nextImage()),
-        button('segvol-save', 'Save label', () => workspace.save()),
-        button('segvol-undo', 'Undo', () => workspace.undo(), !state.canUndo)
-      ),
-      h(
-        'label',
-        { style: { display: 'block', marginBottom: 6, color: '#9ab' } },
-        'Next image by ',
-        h(
-          'select',
-          {
-            id: 'segvol-strategy',
-            value: state.strategy,
-            onChange: e => {
-              localStorage.setItem(STRATEGY_KEY, e.target.value);
-              workspace.set({ strategy: e.target.value });
-            },
-            style: { color: 'black' },
-          },
-          state.strategies.map(n => h('option', { key: n, value: n }, n))
-        )
-      ),
-      h(
-        'div',
-        {
-          id: 'segvol-message',
-          style: { minHeight: 36, margin: '6px 0', padding: 6, borderRadius: 4, background: state.ok ? '#163a24' : '#5a1a1a' },
-        },
-        state.message || 'Ready.'
-      ),
-      h('hr', { style: { borderColor: '#345', margin: '8px 0' } }),
-      row('Model:', s.model_version || '...', 'segvol-model'),
-      s.warning ? h('div', { style: { color: '#fc6', fontSize: 11 } }, s.warning) : null,
-      s.error ? h('div', { style: { color: '#f88' } }, s.error) : null,
-      row(
-        'Your image:',
-        !s.lease
-          ? 'none leased'
-          : s.lease.image === currentSeries()?.series
-            ? `held by you for ${Math.ceil(s.lease.seconds_left / 60)} min more`
-            : `you hold another image (${s.lease.image.slice(-12)}) for ${Math.ceil(s.lease.seconds_left / 60)} min`,
-        'segvol-lease'
-      ),
-      (s.image_held_by || []).length
-        ? h(
-            'div',
-            { id: 'segvol-held-by', style: { color: '#fc6' } },
-            `${s.image_held_by.map(l => l.client).join(', ')} also has this image (leased until ` +
-              `${s.image_held_by.map(l => l.until.slice(11, 16)).join(', ')}): your saves may cross.`
-          )
-        : null,
-      s.last_result
-        ? row(
-            'Last result:',
-            `${Object.keys(s.last_result.labels).join(', ')} by model ${s.last_result.model_version} ` +
-              `in ${Number(s.last_result.seconds).toFixed(2)} s`,
-            'segvol-last-result'
-          )
-        : null,
-      h('hr', { style: { borderColor: '#345', margin: '8px 0' } }),
-      h('div', { style: { fontWeight: 'bold' } }, 'Fine-tune rounds'),
-      round && round.state === 'running'
-        ? h(
-            'div',
-            { id: 'segvol-round' },
-            round.total
-              ? `Running: ${round.stage} ${round.done}/${round.total}` + (round.stage === 'fine-tune' ? ' steps' : '')
-              : `Running: ${round.stage}...`,
-            h(
-              'div',
-              { style: { background: '#234', height: 8, borderRadius: 4, marginTop: 4 } },
-              h('div', { style: { background: '#e80', width: pct + '%', height: 8, borderRadius: 4 } })
-            )
-          )
-        : h(
-            'div',
-            { id: 'segvol-round' },
-            round && round.state === 'failed'
-              ? `The last round failed: ${round.error}`
-              : round && round.state === 'interrupted'
-                ? 'The last round was interrupted.'
-                : 'No round running.'
-          ),
-      last ? h('div', { id: 'segvol-last-round', style: { marginTop: 4 } }, describeRound(last)) : null,
-      h('div', { style: { marginTop: 6 } }, button('segvol-train', 'Start a round', () => workspace.startRound(), round && round.state === 'running')),
-      h('hr', { style: { borderColor: '#345', margin: '8px 0' } }),
-      h('div', { style: { fontWeight: 'bold' } }, 'Saved labels of this image'),
-      state.history.length
-        ? h(
-            'ul',
-            { id: 'segvol-history', style: { paddingLeft: 0, listStyle: 'none' } },
-            state.history.map((e, n) =>
-              h(
-                'li',
-                { key: e.seg_series || n, style: { margin: '4px 0', borderBottom: '1px solid #234', paddingBottom: 4 } },
-                h('div', null, `${e.draft ? 'DRAFT · ' : ''}${e.time || e.archived} by ${e.client || e.creator || 'unknown'}${n === 0 ? ' (newest)' : ''}`),
-                h(
-                  'div',
-                  { style: { color: '#9ab', fontSize: 11 } },
-                  (e.segments || []).map(x => `${x.name} ${x.type}`).join(', ') +
-                    (e.model_version ? ` · model ${e.model_version}` : e.description ? ` · ${e.description}` : '')
-                ),
-                button('segvol-open-' + n, 'Open', () => workspace.open(e))
-              )
-            )
-          )
-        : h('div', { style: { color: '#9ab' } }, 'None yet.')
-    );
-  }
-
-  function describeRound(r) {
-    if (r.status === 'skipped') return `The last round did nothing: ${r.reason}.`;
-    const dice = x => (typeof x === 'number' ? x.toFixed(3) : '?');
-    const labels = r.labels || [];
-    const held = labels.filter(l => l.held_out).length;
-    const data = `Trained on ${labels.length - held} image(s), measured on ${held} held-out; ${r.steps} steps in ${r.seconds} s.`;
-    const scores = `held-out Dice ${dice(r.val_dice_before)} → ${dice(r.val_dice_after)}, replay Dice ${dice(r.replay_dice)}`;
-    if (r.status === 'promoted') return `${r.version} promoted, served from the next prompt: ${scores}. ${data}`;
-    const why = (r.status || 'not promoted').replace(/^rejected: /, '');
-    const heldOut = why.includes('held-out') ? '' : `; held-out Dice ${dice(r.val_dice_before)} → ${dice(r.val_dice_after)}`;
-    return `${r.version} rejected, not served: ${why}${heldOut}. ${data}`;
-  }
+  // Leaving the page with unsaved work: the browser asks (the work is autosaved in any case).
+  let leaving = false;
+  window.addEventListener('beforeunload', e => {
+    const data = onSegVolPage() ? labelmapData() : null;
+    if (leaving || !data || !history.dirty(data)) return;
+    workspace.autosave();
+    e.preventDefault();
+    e.returnValue = '';
+  });
 
   // ------------------------------------------------------------------ tools and buttons
   // Editing tools (the names are cornerstone3D's; the Segmentation mode wires the same ones).
@@ -716,7 +821,7 @@
     id: EXTENSION,
     getPanelModule: () => [
       // the workspace, or why it cannot run on this OHIF (ohif-shim.js)
-      { name: 'workspace', iconName: 'tab-segmentation', iconLabel: 'SegVol', label: 'SegVol', component: ohif.guard(WorkspacePanel) },
+      { name: 'workspace', iconName: 'tab-segmentation', iconLabel: 'SegVol', label: 'SegVol', component: ohif.guard(window.segvolPanel.WorkspacePanel) },
     ],
   };
 
@@ -744,10 +849,13 @@
         ohif.hideStockActiveLearning();
         pointPanelAtUs();
         watchEdits();
+        workspace.segSeries = ohif.hideSegSeries();
         workspace.upkeep = setInterval(upkeep, 700);
       },
       onModeExit: ({ servicesManager }) => {
         clearInterval(workspace.upkeep);
+        workspace.segSeries?.();
+        workspace.autosave(); // OHIF's Back to the study list: the page stays, the work reaches the server
         ohif.exitMode(servicesManager);
       },
       validationTags: { study: [], series: [] },

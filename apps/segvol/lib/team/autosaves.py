@@ -59,10 +59,14 @@ def checked_names(label_info: object, values: set[int]) -> dict[int, str]:
     return {v: n for v, n in names.items() if v in values}
 
 
+KEEP = 1000  # autosaves kept in all, the oldest dropped first: names are not proofs without sign-in
+
+
 class Autosaves:
-    def __init__(self, store: TeamStore, clock=time.time) -> None:
+    def __init__(self, store: TeamStore, clock=time.time, keep: int = KEEP) -> None:
         self.store = store
         self.clock = clock
+        self.keep = keep
 
     def put(
         self,
@@ -94,6 +98,10 @@ class Autosaves:
                     json.dumps({str(v): n for v, n in names.items()}),
                     zlib.compress(voxels, 1),
                 ),
+            )
+            db.execute(
+                "DELETE FROM autosaves WHERE rowid NOT IN (SELECT rowid FROM autosaves ORDER BY time DESC LIMIT ?)",
+                (self.keep,),
             )
         return saved
 

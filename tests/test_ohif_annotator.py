@@ -204,6 +204,9 @@ def day(team, tmp_path_factory):
     merged = _save(grace)
     out["merged save"] = merged.json()
     out["merged page"] = page_labelmap(grace, shape)
+    # Ada, on the same image, is told without asking, and her history lists Grace's version
+    out["told"] = _message(ada, "Grace Hopper saved a label of this image", 30_000)
+    ada.locator("#segvol-history li").first.filter(has_text="Grace Hopper").wait_for(timeout=30_000)
     out["errors"] = [e for p in (ada, grace) for e in p.errors]
     return out
 
@@ -260,6 +263,7 @@ def test_a_colleagues_newer_save_is_told_and_both_labels_survive(team, day):
     expected = [day["merged save"]["version"], day["second save"]["version"], day["first save"]["version"]]
     assert versions == expected  # Ada's two labels and Grace's merge, all kept
     assert str(merged.ContentCreatorName) == "Hopper^Grace"
+    assert f"(version {day['merged save']['version']})" in day["told"]  # the other page heard of it by itself
     assert dciodvfy_errors(merged) == []
     assert not day["errors"], day["errors"]
 

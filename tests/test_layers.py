@@ -17,7 +17,7 @@ LAYERS = [
     ("lib.serving",),
     ("lib.rounds",),
     ("lib.datastores", "lib.infers", "lib.trainers", "lib.configs", "lib.activelearning", "lib.batch"),
-    ("main", "server", "datastore_routes", "workspace_routes", "__main__"),
+    ("main", "server", "datastore_routes", "workspace_routes", "review_routes", "__main__"),
 ]
 ENGINE_CORE = ("engine", "model", "preprocess", "prompts", "zoom_in", "io", "weights", "vocabulary", "encoding_cache")
 ENTRY_POINTS = {APP / "__main__.py", APP / "main.py", APP / "server.py"}

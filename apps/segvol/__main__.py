@@ -22,11 +22,12 @@ from lib.batch.preannotate import FAILED, Job, PreannotateError, resolve_categor
 from lib.batch.preannotate import run as preannotate
 from lib.datastores import open_datastore
 from lib.rounds.launch import AppArgs
+from lib.rounds.reviewed import reviewed_labels
 from lib.rounds.round import PARAMETERS, run_round
 from lib.serving.host import ModelHost
 from lib.serving.validation import RequestError
 from lib.settings import HELP, AppSettings, ConfError
-from lib.team.team import Team
+from lib.team.team import Team, store_path
 from segvol.cli import main as engine_cli
 from segvol.errors import USER_ERRORS
 from segvol.training import distributed
@@ -161,12 +162,15 @@ def cmd_versions(a: argparse.Namespace) -> int:
 def round_parts(studies: str, conf: dict) -> tuple[ModelHost, object]:
     """The model host and the datastore a round needs, built as the app builds them (main.py) but
     without the app: a round reads final labels and writes versions; it serves nothing, hands out
-    no image and records no team state, so no infer task, strategy or team store is built."""
+    no image and records no team state, so no infer task or strategy is built; the team store is
+    opened to read the labels' review states (``--conf train_on``)."""
     model_dir = APP / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     host = ModelHost(AppSettings.from_conf(conf, model_dir))
-    team = Team(host.settings.lease_minutes)  # not opened: a round reads labels only
-    return host, open_datastore(host, team, studies)
+    team = Team.of(host.settings)
+    store = open_datastore(host, team, studies)
+    team.open(store_path(host.settings.team_db, store.root))
+    return host, reviewed_labels(store, team.reviews, host.settings.train_on)
 
 
 def cmd_round(a: argparse.Namespace) -> int:

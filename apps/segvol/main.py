@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import cached_property
 
 from fastapi import HTTPException
@@ -24,8 +25,8 @@ from lib.serving.host import ModelHost
 from lib.serving.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
 from lib.team.identity import IdentityError, client_of
-from lib.team.leases import WithoutImages
-from lib.team.team import Team
+from lib.team.leases import WithImages, WithoutImages
+from lib.team.team import Team, store_path
 from segvol.io import ImageReadError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class SegVolApp(AppAccess, MONAILabelApp):
         self.studies = studies_of(self.studies)
         team = self.team
         store = open_datastore(self.service, team, self.studies, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
-        team.open(self.service.settings.team_db or store.root / ".segvol" / "team.sqlite")
+        team.open(store_path(self.service.settings.team_db, store.root))
         return store
 
     def init_infers(self) -> dict[str, InferTask]:
@@ -91,18 +92,40 @@ class SegVolApp(AppAccess, MONAILabelApp):
             raise HTTPException(
                 status_code=404, detail=f"no strategy {name!r}; available: {', '.join(self.strategies)}"
             )
-        candidates = WithoutImages(self.datastore(), self.team.unreadable.ids())
-        result, note = self.team.leases.next_image(client, strategy, request, candidates, self.readable)
+        team = self.team
+        result, note = self._returned(client), None
+        if result is None:
+            candidates = WithoutImages(self.datastore(), team.unreadable.ids())
+            candidates = WithImages(candidates, team.double.awaiting_second(client) & set(candidates.list_images()))
+            result, note = team.leases.next_image(
+                client, strategy, request, candidates, self.readable, team.double.seats
+            )
         if result is None:
             return {}
         result["path"] = self.datastore().get_image_uri(result["id"])
         result["client_id"] = client
+        if team.double.chosen(result["id"]):
+            result["double_read"] = True
         if note:
             result["note"] = note
             log.info("next image for %s: %s (%s)", client, result["id"], note)
         else:
             log.info("next image for %s: %s, leased until %s", client, result["id"], result["lease"]["until"])
         return result
+
+    def _returned(self, client: str) -> dict | None:
+        """A label a reviewer returned to ``client``, its image leased to them again: the annotator's
+        returned work comes before new images (but not the one they hold and ask past)."""
+        held = self.team.leases.held_by(client)
+        for review in self.team.reviews.returned_to(client):
+            image = review["image"]
+            if (held and held.image == image) or not self.knows_image(image) or not self.readable(image):
+                continue
+            lease = self.team.leases.grant(image, client)
+            returned = {k: review[k] for k in ("version", "reviewer", "reviewed", "comment", "segments")}
+            log.info("next image for %s: %s, returned by %s", client, image, review["reviewer"])
+            return {"id": image, "lease": lease.as_json(time.time()), "returned": returned}
+        return None
 
     def _check_labels(self, labels: object) -> None:
         """A Next image request's ``labels``: category names only (each is model work per image)."""

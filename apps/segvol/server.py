@@ -19,6 +19,7 @@ import monailabel
 import monailabel.endpoints.user.auth as auth
 import numpy as np
 import requests
+import review_routes
 import workspace_routes
 from datastore_routes import Annotator, Manager, Reader, known_image
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
@@ -41,7 +42,7 @@ from lib.paths import PathError, inside
 from lib.rounds.progress import RUNNING, RoundProgress
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
-from lib.team.identity import IdentityError, client_of, current_user
+from lib.team.identity import IdentityError, client_of, current_roles, current_user
 
 NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -69,14 +70,16 @@ async def identify(request: Request, call_next):
     a bad token is left to MONAI Label's own check, which answers 401."""
     if settings.MONAI_LABEL_AUTH_ENABLE:
         header = request.headers.get("authorization", "")
-        user = None
+        user, roles = None, ()
         if header.lower().startswith("bearer "):
             try:
-                user = from_token(header[7:].strip()).username
+                token = from_token(header[7:].strip())
+                user, roles = token.username, tuple(token.roles or ())
             except Exception:  # an invalid or expired token: RBAC refuses the request
-                user = None
+                user, roles = None, ()
 
         current_user.set(user)
+        current_roles.set(roles)
     return await call_next(request)
 
 
@@ -353,7 +356,9 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
         "lease": lease.as_json(leases.clock()) if lease else None,
         "image_held_by": [other.as_json(leases.clock()) for other in others],
         "last_result": provenance.last_result(client=client, image=image) if provenance else None,
-        "newest_label": team.final_saves.newest(image) if team.final_saves and image else None,
+        "newest_label": team.final_saves.newest(image, team.blind(image, client))
+        if team.final_saves and image
+        else None,
         "round": round_,
         "last_round": last,
         "warning": service.warning,
@@ -379,17 +384,32 @@ def retry_pending(user: Manager) -> dict:
 
 
 @app.get("/segvol/labels", summary="Every label saved for an image, newest first (the archive's SEGs)")
-def label_history(image: str, user: Reader) -> list[dict]:
-    return app_instance().datastore().history(known_image(image))
+def label_history(image: str, user: Reader, client_id: str | None = None) -> list[dict]:
+    """Newest first; another annotator's double reading is left out until both readings are in."""
+    hidden = app_instance().team.blind(known_image(image), _client(client_id))
+    return [s for s in app_instance().datastore().history(image) if s.get("version") not in hidden]
 
 
 @app.get("/segvol/labels/voxels", summary="A saved label on the image grid: raw uint8, Fortran order")
-def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
+def label_voxels(image: str, user: Reader, seg: str | None = None, client_id: str | None = None) -> Response:
     """The image's final label, or the SEG series ``seg``, as OHIF's labelmap layout (index
-    i + nx*j + nx*ny*k) with values = /info label indices; header X-SegVol-Labels: value -> name."""
+    i + nx*j + nx*ny*k) with values = /info label indices; header X-SegVol-Labels: value -> name.
+    Another annotator's double reading is not shown until both readings are in (404, as no label)."""
     if seg is not None and not SERIES_UID.match(seg):
         raise HTTPException(status_code=400, detail=f"seg {seg!r} is not a DICOM UID")
-    label, names = app_instance().datastore().label_voxels(known_image(image), seg)
+    team = app_instance().team
+    hidden = team.blind(known_image(image), _client(client_id))
+    if seg is None:
+        newest = team.final_saves.newest(image) if hidden else None
+        hide = newest is not None and newest["version"] in hidden
+    else:
+        hide = any(s["version"] in hidden and s["seg_series"] == seg for s in team.history(image))
+    if hide:
+        raise HTTPException(
+            status_code=404,
+            detail=f"image {image!r} is read twice: the other reading is shown once yours is saved",
+        )
+    label, names = app_instance().datastore().label_voxels(image, seg)
     return Response(
         np.asarray(label, np.uint8).tobytes(order="F"),
         media_type="application/octet-stream",
@@ -400,7 +420,7 @@ def label_voxels(image: str, user: Reader, seg: str | None = None) -> Response:
 # ahead of MONAI Label's own routes (the same paths and methods, which answer no more; and the
 # /ohif/{path} catch-all)
 OVERRIDES = (info, logs, ohif_config, ohif_file, access_token, next_image, infer, train_model, train_all, batch)
-OVERRIDES += datastore_routes.ROUTES + workspace_routes.ROUTES
+OVERRIDES += datastore_routes.ROUTES + workspace_routes.ROUTES + review_routes.ROUTES
 answer_first(app, OVERRIDES)
 
 __all__ = ["app"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monailabel.config import settings
+
 from segvol.model import CONFIGS
 from segvol.vocabulary import Resolved, default_vocabulary
 
@@ -73,6 +75,14 @@ HELP = {
     "sizes are checked from the file's header before anything is inflated",
     "datastore_changes": "without authentication, allow adding and deleting images, deleting labels and "
     "rewriting label info over REST (false; with authentication the admin role may)",
+    "reviewers": "without authentication: comma-separated annotator names who may review (approve, return, "
+    "correct, adjudicate) and see the team figures; names, not proofs (with authentication the token's "
+    "reviewer or admin role decides and this is ignored)",
+    "self_review": "a reviewer may review their own labels (false)",
+    "train_on": "which final labels a round learns from: approved (default when there are reviewers: with "
+    "authentication on or --conf reviewers) or final (every final label; a double-read image once adjudicated)",
+    "double_read_fraction": "the share of images read by two annotators, blind, then adjudicated by a reviewer "
+    "(0.0; which images is stable: a hash of the image id)",
     "team_db": "the team's shared state (leases, served results, saved labels): an SQLite file "
     "(default: .segvol/team.sqlite beside the datastore)",
 }
@@ -129,6 +139,10 @@ class AppSettings:
     max_upload_mb: float = 1024.0
     datastore_changes: bool = False
     team_db: Path | None = None
+    reviewers: tuple[str, ...] = ()
+    self_review: bool = False
+    train_on: str = "final"
+    double_read_fraction: float = 0.0
 
     @classmethod
     def from_conf(cls, conf: dict, model_dir: Path) -> AppSettings:
@@ -140,6 +154,7 @@ class AppSettings:
         auto = conf.get("auto_labels")
         labels = tuple(s.strip() for s in auto.split(",") if s.strip()) if auto else DEFAULT_AUTO_LABELS
         model_config = conf.get("model_config", "segvol-official")
+        reviewers = _reviewers(conf)
         if model_config not in CONFIGS:
             raise ConfError(f"--conf model_config {model_config!r}: expected one of {', '.join(CONFIGS)}")
         return cls(
@@ -154,6 +169,9 @@ class AppSettings:
             model_dir=model_dir,
             versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),
             team_db=Path(conf["team_db"]) if conf.get("team_db") else None,
+            reviewers=reviewers,
+            self_review=_bool(conf, "self_review", False),
+            train_on=_train_on(conf, reviewers),
             **numbers,
         )
 
@@ -188,6 +206,23 @@ def _categories(conf: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(r.category.name for r in found))
 
 
+def _reviewers(conf: dict) -> tuple[str, ...]:
+    """``--conf reviewers`` as names; one that no client id could be (lib/team/identity.py's rule:
+    1 to 128 printable characters, no backslash or '=') is refused rather than never matching."""
+    names = [s.strip() for s in str(conf.get("reviewers") or "").split(",") if s.strip()]
+    bad = [n for n in names if len(n) > 128 or not n.isprintable() or "\\" in n or "=" in n]
+    if bad:
+        raise ConfError(f"--conf reviewers: {bad[0]!r} is not a usable annotator name")
+    return tuple(dict.fromkeys(names))
+
+
+def _train_on(conf: dict, reviewers: tuple[str, ...]) -> str:
+    """approved or final; approved by default once someone can approve (reviewers named, or sign-in on)."""
+    if "train_on" in conf:
+        return _choice(conf, "train_on", ("approved", "final"))
+    return "approved" if reviewers or settings.MONAI_LABEL_AUTH_ENABLE else "final"
+
+
 NUMBERS = (
     "auto_max_labels",
     "overlap",
@@ -207,6 +242,7 @@ NUMBERS = (
     "lease_minutes",
     "archive_refresh_seconds",
     "max_upload_mb",
+    "double_read_fraction",
 )
 
 
@@ -232,6 +268,8 @@ def _numbers(cls: type, conf: dict) -> dict:
             f"--conf train_batch {numbers['train_batch']}: the batch is split evenly over the "
             f"{numbers['train_processes']} processes (train_processes); use a multiple of it"
         )
+    if not 0 <= numbers["double_read_fraction"] <= 1:
+        raise ConfError(f"--conf double_read_fraction {conf['double_read_fraction']!r}: expected 0 to 1")
     for key in ("max_upload_mb", "lease_minutes"):
         if not numbers[key] > 0:
             raise ConfError(f"--conf {key} {conf[key]!r}: expected a positive number")

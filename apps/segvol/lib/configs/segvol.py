@@ -28,7 +28,7 @@ class SegVolTaskConfig(TaskConfig):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.settings = AppSettings.from_conf(conf, Path(model_dir))
         self.service = ModelHost(self.settings)
-        self.team = Team(self.settings.lease_minutes)
+        self.team = Team.of(self.settings)
         self.labels = offered(self.service)
 
     def infer(self) -> dict[str, InferTask]:
@@ -41,4 +41,4 @@ class SegVolTaskConfig(TaskConfig):
     def trainer(self, studies: str | None = None) -> SegVolDecoderTrainer:
         """``studies``: where the app reads its images, so a round in several processes
         (``train_processes``) can build the app again in each."""
-        return SegVolDecoderTrainer(self.service, AppArgs(studies, dict(self.conf)) if studies else None)
+        return SegVolDecoderTrainer(self.service, self.team, AppArgs(studies, dict(self.conf)) if studies else None)

@@ -15,6 +15,7 @@ from lib.labels.uploads import UploadError, UploadTooLarge
 from lib.paths import PathError, inside
 from lib.team.conflicts import ConflictError
 from lib.team.identity import IdentityError
+from lib.team.reviews import ReviewError
 from lib.team.team import Team
 from segvol.io import ImageReadError, read_volume
 from segvol.vocabulary import Vocabulary
@@ -77,6 +78,8 @@ class CheckedLabels:
             raise HTTPException(status_code=e.status, detail=str(e)) from e
         except ConflictError as e:
             raise HTTPException(status_code=409, detail=e.as_detail()) from e
+        except ReviewError as e:
+            raise HTTPException(status_code=e.status, detail=e.as_detail()) from e
         except ImageReadError as e:  # the datastore's own image: listed as unreadable, skipped from now on
             self.team.unreadable.add(image_id, str(e))
             raise HTTPException(status_code=422, detail=f"image {image_id!r} cannot be read: {e}") from e
@@ -100,6 +103,10 @@ class CheckedLabels:
         target = self._inside(os.path.join(label_dir, self.file_name(image_id, ".nii.gz")))
         self.put_label_file(image_id, tag, target, lambda path: write_nifti_like(image_path, label, path), info)
         return image_id
+
+    def reviewed_label(self, image_id: str, seg_series: str | None) -> tuple[np.ndarray, dict[int, str]]:
+        """The label a reviewer corrects: the image's final label (its SEG series on an archive)."""
+        return self.label_voxels(image_id, seg_series) if seg_series else self.label_voxels(image_id)
 
     def history(self, image_id: str) -> list[dict]:
         """Labels saved for the image through this server, newest first."""

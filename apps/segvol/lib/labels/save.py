@@ -17,12 +17,13 @@ from lib.labels.checks import LabelError, LabelPart, check_tag, normalise, read_
 from lib.team.conflicts import based_on
 from lib.team.identity import client_of
 from lib.team.provenance import MANUAL, Origin
+from lib.team.reviews import ReviewError
 from lib.team.team import Team
 from segvol.io import read_volume
 from segvol.vocabulary import Vocabulary
 
 FINAL = "final"
-REPORTED = ("client", "model_version", "segments", "SeriesInstanceUID", "version")  # what the client is told
+REPORTED = ("client", "model_version", "segments", "SeriesInstanceUID", "version", "review")  # what the client is told
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Checked:
     label: np.ndarray  # uint8 on the image's grid
     parts: list[LabelPart]
     info: dict  # client, model_version, segments (value, name, origin), the client's own keys
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the image's voxel size, mm
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Destination(Protocol):
 
     def store(self, image_id: str, image_path: str, checked: Checked, tag: str) -> dict:
         """Stores the label; returns what to add to its info (e.g. the SEG series)."""
+
+    def reviewed_label(self, image_id: str, seg_series: str | None) -> tuple[np.ndarray, dict[int, str]]:
+        """A stored final label (the SEG series ``seg_series`` on an archive) and value -> name."""
 
 
 class LabelSaver:
@@ -76,7 +81,8 @@ class LabelSaver:
             dict(value=p.value, name=p.name, **self._origin(image_id, p.value, label).as_json()) for p in parts
         ]
         info["model_version"] = self.model_version()
-        return Checked(label, parts, info)
+        spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))
+        return Checked(label, parts, info, spacing)
 
     @staticmethod
     def client(params: object) -> str:
@@ -87,15 +93,63 @@ class LabelSaver:
 
     def save(self, image_id: str, image_path: str, upload: str, tag: str, params: object, to: Destination) -> Saved:
         """Checked, then stored and recorded while the image is claimed: a final label that names
-        the version it started from is refused (ConflictError) when a colleague's newer one exists."""
-        self.client(params)
+        the version it started from is refused (ConflictError) when a colleague's newer one exists.
+        A reviewer's correction (``review_of``) is checked against the review before anything is read
+        and again under the claim; a double reading is never in conflict with the other reading."""
+        client = self.client(params)
         base, force = self.versions(params)
+        review_of = self.review_of(params, client, tag)
         checked = self.check(image_id, image_path, upload, tag, params)
         guard = self.team.final_saves
         if tag != FINAL or guard is None:
             return self._store(image_id, image_path, checked, tag, to)
-        with guard.guard(image_id, checked.info["client"], base, force):
+        if review_of is not None:
+            base, force = None, True  # the review's state decides, not the newest version
+        double = self.team.double
+        others = set(double.readers(image_id).values()) if double.is_reading(image_id, client) else set()
+        with guard.guard(image_id, client, base, force, ignore=others):
+            if review_of is not None:
+                reviewed = self.team.reviews.check_correction(review_of, client, self.team.roles.self_review)
+                if reviewed["image"] != image_id:
+                    raise ReviewError(f"version {review_of} is a label of image {reviewed['image']!r}, not this one")
+                checked.info["review_of"] = review_of
+                checked.info["corrections"] = changes = self._changes(image_id, reviewed, checked, to)
+                for segment in checked.info["segments"]:
+                    segment["changes"] = changes[segment["name"]]
             return self._store(image_id, image_path, checked, tag, to)
+
+    def review_of(self, params: dict, client: str, tag: str) -> int | None:
+        """The version a reviewer's save corrects (or adjudicates), checked before the upload is read."""
+        of = params.get("review_of")
+        if of is None:
+            return None
+        if isinstance(of, bool) or not isinstance(of, int) or of <= 0:
+            raise LabelError(f"review_of must be the version of the label being reviewed, got {of!r}")
+        if tag != FINAL:
+            raise LabelError("review_of goes with a final label (a reviewer's corrected version)")
+        if self.team.reviews is None:
+            raise ReviewError("the team store is not open yet: try again in a moment", 503)
+        if not self.team.roles.reviewer(client):
+            raise ReviewError(f"{client} is not a reviewer: only a reviewer saves a corrected version", 403)
+        self.team.reviews.check_correction(of, client, self.team.roles.self_review)
+        return of
+
+    def _changes(self, image_id: str, reviewed: dict, checked: Checked, to: Destination) -> dict:
+        """Per segment name, the voxels the reviewer added to and removed from the reviewed label."""
+        kept = self.team.double.reading(reviewed["version"]) if reviewed["double_read"] else None
+        if kept is not None:
+            before, names = kept[0], kept[1]
+        else:
+            series = next(s["seg_series"] for s in self.team.history(image_id) if s["version"] == reviewed["version"])
+            before, names = to.reviewed_label(image_id, series)
+        after = {p.name: checked.label == p.value for p in checked.parts}
+        old = {name: before == value for value, name in names.items()}
+        out = {}
+        for name in sorted(set(after) | set(old)):
+            a = old.get(name, np.zeros(before.shape, bool))
+            b = after.get(name, np.zeros(checked.label.shape, bool))
+            out[name] = {"added": int((b & ~a).sum()), "removed": int((a & ~b).sum())}
+        return out
 
     @staticmethod
     def versions(params: dict) -> tuple[int | None, bool]:
@@ -107,7 +161,7 @@ class LabelSaver:
 
     def _store(self, image_id: str, image_path: str, checked: Checked, tag: str, to: Destination) -> Saved:
         checked.info.update(to.store(image_id, image_path, checked, tag))
-        self.team.saved(image_id, tag, checked.info)
+        self.team.saved(image_id, tag, checked.info, checked.label, checked.spacing)
         return Saved(image_id, tag, checked.info)
 
     def _origin(self, image_id: str, value: int, label: np.ndarray) -> Origin:

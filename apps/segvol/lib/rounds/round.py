@@ -189,6 +189,10 @@ class Round:
             return {"status": "skipped", "reason": empty, "skipped_views": skip_lines(views.skips)}
         training = self.train(predictor, p, views)
         meta = self.meta(p, items, held, previous, views, training, t0)
+        states = getattr(datastore, "states", {})  # lib/rounds/reviewed.py's, where the round is on reviewed labels
+        for entry, item in zip(meta["labels"], items, strict=True):
+            entry["state"] = states.get(item[3], "unreviewed")
+        meta["train_on"] = self.settings.train_on
         return self.write(training, meta, t0)
 
     def encode(self, predictor, train: list[Item], held: list[Item]) -> Views:

@@ -54,19 +54,22 @@ class FinalSaves:
         self.store = store
         self.clock = clock
 
-    def newest(self, image: str) -> dict | None:
-        """The image's newest final label: its version (the save's id), who saved it and when."""
+    def newest(self, image: str, ignore: set[int] = frozenset()) -> dict | None:
+        """The image's newest final label but those in ``ignore``: its version (the save's id), who
+        saved it and when."""
         with self.store.connect() as db:
-            return _newest(db, image)
+            return _newest(db, image, ignore)
 
     @contextmanager
-    def guard(self, image: str, client: str, base: int | None, force: bool) -> Iterator[None]:
+    def guard(
+        self, image: str, client: str, base: int | None, force: bool, ignore: set[int] = frozenset()
+    ) -> Iterator[None]:
         """Claims the image for this save (waiting while another save of it is being stored), then
-        checks ``base`` against the newest final label: ConflictError when another client's newer
-        label exists."""
+        checks ``base`` against the newest final label but those in ``ignore`` (another annotator's
+        double reading): ConflictError when another client's newer label exists."""
         token = uuid.uuid4().hex
         deadline = self.clock() + WAIT_SECONDS
-        while not self._claim(image, client, token, base, force):
+        while not self._claim(image, client, token, base, force, ignore):
             if self.clock() > deadline:
                 raise ConflictError("another save of this image has taken over a minute: try again in a moment")
             time.sleep(0.1)
@@ -76,7 +79,7 @@ class FinalSaves:
             with self.store.connect(write=True) as db:
                 db.execute("DELETE FROM save_claims WHERE image = ? AND token = ?", (image, token))
 
-    def _claim(self, image: str, client: str, token: str, base: int | None, force: bool) -> bool:
+    def _claim(self, image: str, client: str, token: str, base: int | None, force: bool, ignore: set[int]) -> bool:
         """True once the image is claimed for this save; False while another save holds it."""
         with self.store.connect(write=True) as db:
             now = self.clock()
@@ -84,7 +87,7 @@ class FinalSaves:
             if claim is not None and now - claim["since"] < CLAIM_SECONDS:
                 return False
             if base is not None and not force:
-                newest = _newest(db, image)
+                newest = _newest(db, image, ignore)
                 if newest is not None and newest["version"] != base and newest["client"] != client:
                     raise ConflictError(
                         f"{newest['client']} saved a newer label of this image at {newest['time']} (version "
@@ -96,11 +99,11 @@ class FinalSaves:
         return True
 
 
-def _newest(db, image: str) -> dict | None:
-    row = db.execute(
-        "SELECT id, client, time, seg_series FROM saves WHERE image = ? AND tag = 'final' ORDER BY id DESC LIMIT 1",
-        (image,),
-    ).fetchone()
+def _newest(db, image: str, ignore: set[int] = frozenset()) -> dict | None:
+    rows = db.execute(
+        "SELECT id, client, time, seg_series FROM saves WHERE image = ? AND tag = 'final' ORDER BY id DESC", (image,)
+    )
+    row = next((r for r in rows if r["id"] not in ignore), None)
     return (
         None
         if row is None

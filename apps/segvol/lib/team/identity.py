@@ -13,6 +13,7 @@ from monailabel.config import settings
 
 # set per request by server.py's middleware when MONAI Label's authentication is enabled
 current_user: ContextVar[str | None] = ContextVar("segvol_current_user", default=None)
+current_roles: ContextVar[tuple[str, ...]] = ContextVar("segvol_current_roles", default=())
 
 CLIENT = re.compile(r"^[^\x00-\x1f\x7f\\=]{1,128}$")
 ANONYMOUS = "anonymous"

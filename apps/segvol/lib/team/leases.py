@@ -82,12 +82,14 @@ class Leases:
         request: dict,
         datastore,
         readable: Callable[[str], bool] = lambda image: True,
+        seats: Callable[[str, str], int] = lambda image, client: 1,
     ) -> tuple[dict | None, str | None]:
         """The strategy's pick for ``client`` among the images nobody else holds (and not the one
         ``client`` held: asking again means the next one), leased to ``client``, and that can be
         read (checked after the pick lock is released; an unreadable pick is given back and the
         strategy asked again, up to ``MAX_TRIES`` times). Returns the strategy's result (None:
-        nothing left to annotate) and a note when the image is shared.
+        nothing left to annotate) and a note when the image is shared. ``seats(image, client)``: how
+        many other annotators may hold an image before it is taken (2 for a double reading).
 
         A strategy's ``prepare(request, datastore)``, where it has one (scoring images with the
         model), runs before the pick lock is taken: the lock that every annotator's Next image
@@ -98,7 +100,7 @@ class Leases:
             prepare = getattr(strategy, "prepare", None)
             if prepare is not None:
                 prepare(request, candidates)
-            result, note = self._pick(client, strategy, request, candidates)
+            result, note = self._pick(client, strategy, request, candidates, seats)
             if result is None or readable(result["id"]):
                 return result, note
             bad.add(result["id"])
@@ -109,9 +111,9 @@ class Leases:
         with self.store.connect(write=True) as db:
             db.execute("DELETE FROM leases WHERE image = ? AND client = ?", (image, client))
 
-    def _pick(self, client: str, strategy: Callable, request: dict, datastore) -> tuple[dict | None, str | None]:
+    def _pick(self, client: str, strategy: Callable, request: dict, datastore, seats) -> tuple[dict | None, str | None]:
         with self.picking():
-            taken = self.of_others(client)
+            taken = {i: held for i, held in self.of_others(client).items() if len(held) >= seats(i, client)}
             mine = self.held_by(client)
             note = None
             result = strategy(request, WithoutImages(datastore, set(taken) | ({mine.image} if mine else set())))
@@ -155,6 +157,19 @@ class WithoutImages:
 
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
+
+
+class WithImages(WithoutImages):
+    """A datastore as a strategy sees it: the same, plus ``extra`` among the unlabelled images (a
+    double-read image whose first reading is in, still to be read by someone else)."""
+
+    def __init__(self, datastore, extra: set[str]) -> None:
+        super().__init__(datastore, set())
+        self._extra = extra
+
+    def get_unlabeled_images(self, *args, **kwargs) -> list[str]:
+        listed = self._inner.get_unlabeled_images(*args, **kwargs)
+        return listed + sorted(self._extra - set(listed))
 
 
 def _picked(result: dict | None) -> bool:

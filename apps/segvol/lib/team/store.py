@@ -5,8 +5,10 @@ second replica on the same host. What they must agree on lives here, never in on
 memory: which annotator holds which image (``leases``), what SegVol served (``results`` and
 their ``masks``, to tell AUTOMATIC from SEMIAUTOMATIC from MANUAL when a label is saved) and
 every label saved (``saves``, the history; ``save_claims`` while one is being stored) and each
-annotator's unsaved work (``autosaves``). SQLite in WAL mode lets readers go on while one
-writer commits; every write is one short transaction, so a killed process leaves the file whole.
+annotator's unsaved work (``autosaves``), and the review of every final label (``reviews`` with
+their ``review_events``; a double reading's voxels in ``readings``, the pair's ``agreements``).
+SQLite in WAL mode lets readers go on while one writer commits; every write is one short
+transaction, so a killed process leaves the file whole.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ CREATE TABLE IF NOT EXISTS save_claims (
 CREATE TABLE IF NOT EXISTS autosaves (
     image TEXT NOT NULL, client TEXT NOT NULL, time REAL NOT NULL, based_on INTEGER, shape TEXT NOT NULL,
     names TEXT NOT NULL, voxels BLOB NOT NULL, PRIMARY KEY (image, client));
+CREATE TABLE IF NOT EXISTS reviews (
+    save INTEGER PRIMARY KEY, image TEXT NOT NULL, annotator TEXT NOT NULL, submitted REAL NOT NULL,
+    leased REAL, state TEXT NOT NULL, reading INTEGER NOT NULL, pair INTEGER, resubmits INTEGER,
+    reviewer TEXT, reviewed REAL, comment TEXT, segment_comments TEXT, by_save INTEGER, changes TEXT);
+CREATE INDEX IF NOT EXISTS reviews_by_state ON reviews (state, submitted);
+CREATE INDEX IF NOT EXISTS reviews_by_image ON reviews (image, save);
+CREATE TABLE IF NOT EXISTS review_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, save INTEGER NOT NULL, image TEXT NOT NULL, action TEXT NOT NULL,
+    actor TEXT NOT NULL, time REAL NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS review_events_by_image ON review_events (image, id);
+CREATE TABLE IF NOT EXISTS readings (
+    save INTEGER PRIMARY KEY, image TEXT NOT NULL, client TEXT NOT NULL, shape TEXT NOT NULL,
+    spacing TEXT NOT NULL, names TEXT NOT NULL, voxels BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS agreements (
+    a INTEGER NOT NULL, b INTEGER NOT NULL, image TEXT NOT NULL, time REAL NOT NULL, figures TEXT NOT NULL,
+    PRIMARY KEY (a, b));
 """
 
 

@@ -1,6 +1,7 @@
 """The team's shared state, in one object: who holds which image (leases), what each served
 result and saved label was (provenance), which final label is newest (conflicts), each
-annotator's unsaved work (autosaves), and which images cannot be read.
+annotator's unsaved work (autosaves), the review of every final label and the double readings
+(reviews, double_reading), who reviews (roles), and which images cannot be read.
 
 Leases and provenance live in the team store (SQLite beside the datastore, or ``--conf team_db``),
 so every process on the datastore sees them; the store is opened once the datastore is known.
@@ -11,45 +12,96 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from lib.settings import AppSettings
 from lib.team.autosaves import Autosaves
 from lib.team.conflicts import FinalSaves
+from lib.team.double_reading import DoubleReading
 from lib.team.leases import Leases
 from lib.team.provenance import Provenance
+from lib.team.reviews import Reviews
+from lib.team.roles import Roles
 from lib.team.store import TeamStore
 from lib.team.unreadable import Unreadable
 
 log = logging.getLogger(__name__)
 
 
+def store_path(team_db: Path | None, datastore_root: Path) -> Path:
+    """The team store: ``--conf team_db``, else .segvol/team.sqlite beside the datastore."""
+    return team_db or Path(datastore_root) / ".segvol" / "team.sqlite"
+
+
 class Team:
-    def __init__(self, lease_minutes: float) -> None:
+    def __init__(self, lease_minutes: float, double_read_fraction: float = 0.0, roles: Roles | None = None) -> None:
         self.lease_minutes = lease_minutes
-        self.provenance: Provenance | None = None  # set by open() once the datastore is known
+        self.double_read_fraction = double_read_fraction
+        self.roles = roles or Roles((), False)
+        self.store: TeamStore | None = None  # set by open() once the datastore is known
+        self.provenance: Provenance | None = None
         self.leases: Leases | None = None
         self.final_saves: FinalSaves | None = None
         self.autosaves: Autosaves | None = None
+        self.reviews: Reviews | None = None
+        self.double: DoubleReading | None = None
         self.unreadable = Unreadable()  # images that cannot be read, skipped by every strategy
 
+    @classmethod
+    def of(cls, settings: AppSettings) -> Team:
+        return cls(
+            settings.lease_minutes, settings.double_read_fraction, Roles(settings.reviewers, settings.self_review)
+        )
+
     def open(self, path: Path) -> None:
-        """The team's shared state (leases, served results, saved labels) in the SQLite file ``path``."""
-        store = TeamStore(path)
+        """The team's shared state (leases, served results, saved labels, reviews) in the SQLite file ``path``."""
+        store = self.store = TeamStore(path)
         self.provenance = Provenance(store)
         self.leases = Leases(store, self.lease_minutes)
         self.final_saves = FinalSaves(store)
         self.autosaves = Autosaves(store)
-        log.info("team state (leases, provenance, history): %s", path)
+        self.reviews = Reviews(store)
+        self.double = DoubleReading(store, self.reviews, self.double_read_fraction)
+        log.info("team state (leases, provenance, history, reviews): %s", path)
 
-    def saved(self, image_id: str, tag: str, info: dict) -> None:
-        """A label was stored: its history entry; a final label ends the leases on the image and
-        replaces its annotator's autosaved work."""
+    def blind(self, image_id: str, client: str) -> set[int]:
+        """The saves of the image ``client`` may not see yet: another annotator's double reading while
+        the pair is incomplete (a reviewer sees everything)."""
+        if self.double is None:
+            return set()
+        return self.double.hidden_from(image_id, client, self.roles.reviewer(client))
+
+    def saved(self, image_id: str, tag: str, info: dict, label: np.ndarray | None = None, spacing=None) -> None:
+        """A label was stored: its history entry; a final label is submitted for review (a double
+        reading keeps its voxels, and the pair's agreement is measured once both are in), ends the
+        leases on the image (a double reading only its reader's) and replaces the annotator's autosave."""
         if self.provenance is not None:
             info["version"] = self.provenance.record_save(
                 image_id, info["client"], tag, info["model_version"], info["segments"], info.get("SeriesInstanceUID")
             )
-        if tag == "final" and self.leases is not None:
+        if tag != "final" or self.store is None:
+            return
+        client, version = info["client"], info["version"]
+        review_of = info.get("review_of")
+        reading = review_of is None and self.double.is_reading(image_id, client)
+        lease = next((x for x in self.leases.active() if x.image == image_id and x.client == client), None)
+        if reading:
+            self.leases.give_back(image_id, client)
+        else:
             self.leases.end(image_id)
-        if tag == "final" and self.autosaves is not None:
-            self.autosaves.drop(image_id, info["client"])
+        self.autosaves.drop(image_id, client)
+        review = self.reviews.submitted(version, image_id, client, lease.granted if lease else None, reading, review_of)
+        if review_of is not None and info.get("corrections"):
+            self.reviews.record_changes(version, info["corrections"])
+        if reading and label is not None:
+            names = {int(s["value"]): s["name"] for s in info["segments"]}
+            self.double.keep(version, image_id, client, label, names, spacing)
+            if review["pair"]:
+                try:
+                    self.double.measure(version, review["pair"])
+                except Exception:  # the figures can be measured again on request; the save stands
+                    log.exception("agreement of readings %s and %s of %s failed", version, review["pair"], image_id)
+        info["review"] = {k: v for k, v in review.items() if v is not None}
 
     def history(self, image_id: str) -> list[dict]:
         """Labels saved for the image through this server, newest first."""

@@ -10,7 +10,9 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.rounds import round as rounds
 from lib.rounds.launch import AppArgs
 from lib.rounds.progress import RUNNING, RoundProgress
+from lib.rounds.reviewed import reviewed_labels
 from lib.serving.host import ModelHost
+from lib.team.team import Team
 
 __all__ = ["AppArgs", "SegVolDecoderTrainer"]
 
@@ -19,11 +21,13 @@ class SegVolDecoderTrainer(TrainTask):
     PARAMETERS = rounds.PARAMETERS
     PASSED_THROUGH = rounds.PASSED_THROUGH
 
-    def __init__(self, service: ModelHost, app_args: AppArgs | None = None) -> None:
-        """``app_args``: how ``train_processes`` > 1 builds the round's parts in its processes
+    def __init__(self, service: ModelHost, team: Team, app_args: AppArgs | None = None) -> None:
+        """``team``: whose reviews decide which labels a round learns from (``--conf train_on``);
+        ``app_args``: how ``train_processes`` > 1 builds the round's parts in its processes
         (SegVolApp passes them; without them such a round is refused)."""
         super().__init__("Fine-tune SegVol's decoder on the final labels (encoders frozen)")
         self.service = service
+        self.team = team
         self.app_args = app_args
 
     def check_params(self, params: dict) -> dict:
@@ -62,4 +66,5 @@ class SegVolDecoderTrainer(TrainTask):
 
     def __call__(self, request: dict, datastore) -> dict:
         """A round, one at a time (train.lock), in ``train_processes`` processes."""
-        return rounds.run_round(self.service, request, datastore, self.app_args)
+        labels = reviewed_labels(datastore, self.team.reviews, self.service.settings.train_on)
+        return rounds.run_round(self.service, request, labels, self.app_args)

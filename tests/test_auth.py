@@ -216,3 +216,37 @@ def test_an_autosave_is_handed_only_to_the_signed_in_user_who_made_it(signed_in)
     assert as_ada.status_code == 200 and as_ada.content == work.tobytes(order="F")
     nobody = requests.get(f"{srv.url}/segvol/autosave", params=mine, timeout=30)
     assert nobody.status_code == 401
+
+
+def test_the_tokens_roles_decide_who_reviews(signed_in):
+    """With sign-in the token's roles make a reviewer (reviewer or admin), never a name: an
+    annotator claiming a reviewer's client_id is still refused, and cannot review for anyone."""
+    srv, key = signed_in
+    image = IMAGES[1]
+    shape = nib.load(str(srv.studies / f"{image}.nii.gz")).shape
+    label = np.zeros(shape, np.uint8)
+    label[1:5, 1:5, 1:3] = 1
+    annotator = _token(key, "grace", roles=["monailabel-annotator"])
+    reviewer = _token(key, "rita", roles=["monailabel-reviewer"])
+    saved = requests.put(
+        f"{srv.url}/datastore/label",
+        params={"image": image, "tag": "final"},
+        files={
+            "params": (None, json.dumps({"label_info": [{"name": "liver"}]})),
+            "label": ("l.bin", label.tobytes(order="F")),
+        },
+        headers=annotator,
+        timeout=60,
+    )
+    assert saved.status_code == 200, saved.text
+    version = saved.json()["version"]
+    who = requests.get(f"{srv.url}/segvol/whoami", headers=reviewer, timeout=30).json()
+    assert who["client"] == "rita" and who["roles"] == ["annotator", "reviewer"] and not who["admin"]
+    body = {"version": version, "action": "approve", "client_id": "rita"}
+    refused = requests.post(f"{srv.url}/segvol/review", json=body, headers=annotator, timeout=30)
+    assert refused.status_code == 403 and "grace is not a reviewer" in refused.json()["detail"]
+    assert requests.get(f"{srv.url}/segvol/team", headers=annotator, timeout=30).status_code == 403
+    approved = requests.post(f"{srv.url}/segvol/review", json=body, headers=reviewer, timeout=30)
+    assert approved.status_code == 200 and approved.json()["reviewer"] == "rita", approved.text
+    admin = _token(key, "root", roles=["monailabel-admin"])
+    assert requests.get(f"{srv.url}/segvol/team", headers=admin, timeout=30).status_code == 200

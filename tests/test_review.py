@@ -36,7 +36,7 @@ DOUBLE = [n for n in NAMES if chosen(n, FRACTION)]
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     studies = tmp_path_factory.mktemp("studies")
-    for name in SINGLE[:5] + DOUBLE[:2]:
+    for name in SINGLE[:6] + DOUBLE[:2]:
         nib.save(nib.Nifti1Image(phantom(SHAPE), np.diag([*SPACING, 1.0])), str(studies / f"{name}.nii.gz"))
     return studies
 
@@ -176,6 +176,7 @@ def test_double_reading_blind_measured_and_adjudicated(server):
     assert va["review"] == {"state": "waiting"}
     # Bob sees nothing of Ada's reading: no label, no history, no newest label, no reading
     assert _get(server, "/segvol/labels/voxels", image=image, client_id="Bob").status_code == 404
+    assert _get(server, "/datastore/label", label=image, tag="final", client_id="Bob").status_code == 404
     assert _get(server, "/segvol/labels", image=image, client_id="Bob").json() == []
     status = _get(server, "/segvol/status", image=image, client_id="Bob").json()
     assert status["newest_label"] is None
@@ -241,3 +242,35 @@ def test_review_state_and_figures_hold_in_a_second_process(server, studies, tmp_
     assert _get(server, "/segvol/labels/voxels", image=image, client_id="Bob").status_code == 404  # blind here too
     vb = _save(server, image, "Bob", _box(1, 6), ["liver"]).json()
     assert vb["review"]["pair"] == va
+
+
+def test_the_slicer_reviewer_modules_conventions(server):
+    """3D Slicer's reviewer module (MONAILabelReviewer) reads ``segmentationMeta`` from a final label's
+    info in the datastore listing and sends it back through PUT /datastore/updatelabelinfo."""
+    image = SINGLE[5]
+    version = _save(server, image, "Ada", _box(1, 5), ["liver"]).json()["version"]
+
+    def send(meta: dict) -> requests.Response:
+        body = {"params": json.dumps({"segmentationMeta": meta})}
+        return requests.put(
+            f"{server.url}/datastore/updatelabelinfo", params={"label": image, "tag": "final"}, data=body, timeout=60
+        )
+
+    meta = {"status": "flagged", "approvedBy": "Rita", "level": "hard", "comment": "the dome", "editTime": 1}
+    assert send(dict(meta, approvedBy="Ada")).status_code == 403  # not a reviewer
+    assert send(dict(meta, status="maybe")).status_code == 400
+    flagged = send(meta)
+    assert flagged.status_code == 200, flagged.text
+    assert flagged.json()["segmentationMeta"]["status"] == "flagged"
+    listed = _get(server, "/datastore/", output="all").json()["objects"][image]["labels"]["final"]["info"]
+    assert listed["segmentationMeta"]["status"] == "flagged" and listed["segmentationMeta"]["comment"] == "the dome"
+    returned = _get(server, "/segvol/review/returned", client_id="Ada").json()["items"]
+    assert version in [r["version"] for r in returned]
+    # any other rewrite of a label's info stays off without sign-in (--conf datastore_changes)
+    other = requests.put(
+        f"{server.url}/datastore/updatelabelinfo",
+        params={"label": image, "tag": "final"},
+        data={"params": json.dumps({"client": "Eve"})},
+        timeout=60,
+    )
+    assert other.status_code == 403

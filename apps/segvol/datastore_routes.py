@@ -35,6 +35,7 @@ from lib.paths import tag as checked_tag
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
 from lib.team.access import Action, Forbidden, Policy
+from lib.team.identity import IdentityError, client_of
 
 
 def _policy():
@@ -46,13 +47,18 @@ def allowed(action_name: str):
     refused with 403 naming what would allow it when the policy says no."""
 
     async def check(user: Annotated[User, Security(get_current_user)]) -> User:
-        try:
-            _policy().check(Action[action_name], user.roles)
-        except Forbidden as e:
-            raise HTTPException(status_code=403, detail=str(e)) from e
-        return user
+        return require(action_name, user)
 
     return Depends(check)
+
+
+def require(action_name: str, user: User) -> User:
+    """``user`` when the policy allows the action, else 403 naming what would allow it."""
+    try:
+        _policy().check(Action[action_name], user.roles)
+    except Forbidden as e:
+        raise HTTPException(status_code=403, detail=str(e)) from e
+    return user
 
 
 Reader = Annotated[User, allowed("READ")]
@@ -110,6 +116,14 @@ def known_image(image: str) -> str:
     return image
 
 
+def who(client_id: object) -> str:
+    """Who asks (lib/team/identity.py): the token's user, else the client id; 400 / 401 when unusable."""
+    try:
+        return client_of({"client_id": client_id})
+    except IdentityError as e:
+        raise HTTPException(status_code=e.status, detail=str(e)) from e
+
+
 def _tag(tag: str) -> str:
     try:
         return checked_tag(tag)
@@ -149,7 +163,16 @@ def image_info(image: str, user: Reader) -> dict:
 
 @app.head("/datastore/label", summary="Whether a label exists")
 @app.get("/datastore/label", summary="Download a label")
-def download_label(label: str, tag: str, user: Reader, check_only: bool = False) -> Response:
+def download_label(
+    label: str, tag: str, user: Reader, check_only: bool = False, client_id: str | None = None
+) -> Response:
+    """The label file; a final label that is another annotator's double reading, not yet paired,
+    is not shown (404, as no label) to anyone but a reviewer and its reader."""
+    hidden = _tag(tag) == DefaultLabelTag.FINAL.value and app_instance().team.final_hidden(
+        known_image(label), who(client_id)
+    )
+    if hidden:
+        raise HTTPException(status_code=404, detail=f"image {label!r} is read twice: its label shows once both are in")
     uri = app_instance().datastore().get_label_uri(known_image(label), _tag(tag))
     return _file(uri, f"label {label!r} ({tag})", check_only)
 
@@ -185,18 +208,13 @@ def remove_label(id: str, tag: str, user: Changer) -> dict:
     return {}
 
 
-def _update_label_info(label: str, tag: str, info: str) -> dict:
-    return app_instance().datastore().update_label_info(known_image(label), _tag(tag), json_params(info, "info"))
+def update_info(label: str, tag: str, info: dict) -> dict:
+    return app_instance().datastore().update_label_info(known_image(label), _tag(tag), info)
 
 
 @app.put("/datastore/label/info", summary="Rewrite a label's info (admin; off without sign-in)")
 def put_label_info(label: str, tag: str, user: Changer, info: Annotated[str, Form()] = "{}"):
-    return _update_label_info(label, tag, info)
-
-
-@app.put("/datastore/updatelabelinfo", include_in_schema=False)
-def update_label_info(label: str, tag: str, user: Changer, info: Annotated[str, Form()] = "{}"):
-    return _update_label_info(label, tag, info)
+    return update_info(label, tag, json_params(info, "info"))
 
 
 # ------------------------------------------------------------------ images
@@ -250,6 +268,8 @@ def _archive_get(prefix: str | None, path: str) -> Response:
     parts = path.split("/")
     if any(p in ("", ".", "..") or "\\" in p or "%" in p for p in parts):
         raise HTTPException(status_code=400, detail=f"{path!r} is not a DICOMweb resource path")
+    if set(parts) & app_instance().team.hidden_series(who(None)):  # a double reading, not yet paired
+        raise HTTPException(status_code=404, detail="that SEG is one of a double reading, shown once both are in")
     if not settings.MONAI_LABEL_STUDIES.startswith(("http://", "https://")):
         raise HTTPException(status_code=404, detail="the datastore is a folder, not a DICOMweb archive")
     user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
@@ -322,7 +342,6 @@ ROUTES = (
     save_label,
     remove_label,
     put_label_info,
-    update_label_info,
     add_image,
     remove_image,
     put_image_info,

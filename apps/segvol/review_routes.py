@@ -16,8 +16,8 @@ import tempfile
 from typing import Annotated, Literal
 
 import numpy as np
-from datastore_routes import Annotator, Reader, known_image
-from fastapi import Body, HTTPException
+from datastore_routes import Annotator, Reader, json_params, known_image, require, update_info, who
+from fastapi import Body, Form, HTTPException
 from fastapi.responses import Response
 from monailabel.app import app
 from monailabel.interfaces.utils.app import app_instance
@@ -25,16 +25,9 @@ from monailabel.interfaces.utils.app import app_instance
 from lib.datastores.checked import write_nifti_like
 from lib.serving.limits import MAX_NAME_CHARS
 from lib.team.figures import as_csv, team_figures
-from lib.team.identity import IdentityError, client_of
+from lib.team.identity import usable_name
 from lib.team.reviews import ReviewError
 from lib.team.team import Team
-
-
-def _who(client_id: object) -> str:
-    try:
-        return client_of({"client_id": client_id})
-    except IdentityError as e:
-        raise HTTPException(status_code=e.status, detail=str(e)) from e
 
 
 def _team() -> Team:
@@ -60,7 +53,7 @@ def _refused(e: ReviewError) -> HTTPException:
 
 @app.get("/segvol/whoami", summary="Who the server takes the asker for, and their roles in the team")
 def whoami(user: Reader, client_id: str | None = None) -> dict:
-    client = _who(client_id)
+    client = who(client_id)
     team = app_instance().team
     settings = app_instance().service.settings
     return {
@@ -80,7 +73,7 @@ def review_queue(
 ) -> dict:
     """Each label with its segments' provenance, the model version, a resubmission's earlier return,
     and a double-read pair's readers and agreement. Never the reviewer's own unless --conf self_review."""
-    client = _who(client_id)
+    client = who(client_id)
     team = _reviewer(client)
     for name, value in (("annotator", annotator), ("category", category)):
         if value is not None and not 0 < len(value) <= MAX_NAME_CHARS:
@@ -149,7 +142,7 @@ def review(
     """``return`` needs a comment (the whole label's, or per segment name in ``segments``). On a
     double-read pair ``approve`` adopts that reading: saved again as the image's final label,
     signed by the reviewer. Two reviewers at once: one wins, the other is told (409)."""
-    client = _who(client_id)
+    client = who(client_id)
     team = _reviewer(client)
     try:
         current = team.reviews.of(version)
@@ -190,12 +183,12 @@ def _adopt(team: Team, version: int, reviewer: str) -> dict:
 
 @app.get("/segvol/review/returned", summary="This annotator's labels returned by a reviewer, not yet resubmitted")
 def review_returned(user: Reader, client_id: str | None = None) -> dict:
-    return {"items": _team().reviews.returned_to(_who(client_id))}
+    return {"items": _team().reviews.returned_to(who(client_id))}
 
 
 @app.get("/segvol/review/image", summary="The review of an image's labels, as the asker may see it")
 def review_image(image: str, user: Reader, client_id: str | None = None) -> dict:
-    client = _who(client_id)
+    client = who(client_id)
     team = _team()
     known_image(image)
     hidden = team.blind(image, client)
@@ -211,7 +204,7 @@ def review_image(image: str, user: Reader, client_id: str | None = None) -> dict
 @app.get("/segvol/reading", summary="One reading of a double-read image: raw uint8, Fortran order")
 def reading(version: int, user: Reader, client_id: str | None = None) -> Response:
     """For reviewers (both readings, side by side) and the reading's own annotator."""
-    client = _who(client_id)
+    client = who(client_id)
     team = _team()
     kept = team.double.reading(version)
     if kept is None:
@@ -231,7 +224,7 @@ def reading(version: int, user: Reader, client_id: str | None = None) -> Respons
 
 @app.get("/segvol/team", summary="The team's figures per annotator and per category (reviewers and admins)")
 def team_figures_route(user: Reader, client_id: str | None = None, format: Literal["json", "csv"] = "json"):
-    client = _who(client_id)
+    client = who(client_id)
     team = _team()
     if not team.roles.sees_figures(client):
         raise HTTPException(status_code=403, detail=f"{client} is not a reviewer or admin: the team figures are theirs")
@@ -245,4 +238,49 @@ def team_figures_route(user: Reader, client_id: str | None = None, format: Liter
     return figures
 
 
-ROUTES = (whoami, review_queue, review, review_returned, review_image, reading, team_figures_route)
+@app.put("/datastore/updatelabelinfo", include_in_schema=False)
+def update_label_info(
+    label: str,
+    tag: str,
+    user: Reader,
+    info: Annotated[str, Form()] = "{}",
+    params: Annotated[str | None, Form()] = None,
+) -> dict:
+    """MONAI Label's older path for rewriting a label's info. 3D Slicer's reviewer module
+    (MONAILabelReviewer) sends ``params`` = {"segmentationMeta": {status, approvedBy, level,
+    comment, editTime}} on the image id and tag: here that is a review of the image's final label
+    (``approved``: approve; ``flagged``: return with its comment; ``""``: nothing). Any other
+    rewrite stays the admin's (lib/team/access.py)."""
+    body = json_params(params if params is not None else info, "params")
+    if set(body) != {"segmentationMeta"}:
+        require("CHANGE_DATASTORE", user)
+        return update_info(label, tag, body)
+    return _slicer_review(known_image(label), tag, body["segmentationMeta"])
+
+
+SLICER_STATUS = {"approved": "approve", "flagged": "return"}
+
+
+def _slicer_review(image: str, tag: str, meta: object) -> dict:
+    if not isinstance(meta, dict) or meta.get("status", "") not in ("", *SLICER_STATUS):
+        raise HTTPException(status_code=400, detail='segmentationMeta.status must be "approved", "flagged" or ""')
+    if tag != "final":
+        raise HTTPException(status_code=400, detail=f"a review is of the image's final label, not of tag {tag!r}")
+    # without sign-in the module names its reviewer in approvedBy (a name, not a proof, as client_id)
+    client = who(usable_name(meta.get("approvedBy")) or None)
+    team = _reviewer(client)
+    newest = team.final_saves.newest(image, team.blind(image, client))
+    if newest is None:
+        raise HTTPException(status_code=404, detail=f"image {image!r} has no final label to review")
+    action = SLICER_STATUS.get(meta.get("status", ""))
+    try:
+        if action is None:
+            return {"segmentationMeta": team.reviews.slicer_meta(newest["version"])}
+        comment = meta.get("comment") or ("" if action == "approve" else "flagged in 3D Slicer's reviewer")
+        team.reviews.act(newest["version"], client, action, comment, None, team.roles.self_review)
+    except ReviewError as e:
+        raise _refused(e) from e
+    return {"segmentationMeta": team.reviews.slicer_meta(newest["version"])}
+
+
+ROUTES = (update_label_info, whoami, review_queue, review, review_returned, review_image, reading, team_figures_route)

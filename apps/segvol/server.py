@@ -21,7 +21,7 @@ import numpy as np
 import requests
 import review_routes
 import workspace_routes
-from datastore_routes import Annotator, Manager, Reader, known_image
+from datastore_routes import Annotator, Manager, Reader, known_image, who
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
@@ -42,7 +42,7 @@ from lib.paths import PathError, inside
 from lib.rounds.progress import RUNNING, RoundProgress
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
-from lib.team.identity import IdentityError, client_of, current_roles, current_user
+from lib.team.identity import current_roles, current_user
 
 NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -249,7 +249,7 @@ def next_image(strategy: str, user: Annotator, params: dict | None = None) -> di
     """MONAI Label's next sample, run off the event loop (a strategy may encode images), through
     the app's leases; when nothing is left, a message that says so."""
     _bounded(params)
-    asked = dict(params or {}, client_id=_client((params or {}).get("client_id")))  # what MONAI Label records
+    asked = dict(params or {}, client_id=who((params or {}).get("client_id")))  # what MONAI Label records
     return sample(strategy, asked, user.username) or {"message": NOTHING_LEFT}
 
 
@@ -320,18 +320,11 @@ def batch(model: str, user: Manager, images: batch_infer.BatchInferImageType = "
     return batch_infer.run(model, images, params)
 
 
-def _client(client_id: object) -> str:
-    try:
-        return client_of({"client_id": client_id})
-    except IdentityError as e:
-        raise HTTPException(status_code=e.status, detail=str(e)) from e
-
-
 @app.get("/segvol/status", summary="Served model, this client's lease and last result, the fine-tune round")
 def status(user: Reader, client_id: str | None = None, image: str | None = None) -> dict:
     instance = app_instance()
     service = instance.service
-    client = _client(client_id)
+    client = who(client_id)
     if service.lock.acquire(blocking=False):  # a promotion shows at once, unless a request is running
         try:
             service.sync_version()
@@ -386,7 +379,7 @@ def retry_pending(user: Manager) -> dict:
 @app.get("/segvol/labels", summary="Every label saved for an image, newest first (the archive's SEGs)")
 def label_history(image: str, user: Reader, client_id: str | None = None) -> list[dict]:
     """Newest first; another annotator's double reading is left out until both readings are in."""
-    hidden = app_instance().team.blind(known_image(image), _client(client_id))
+    hidden = app_instance().team.blind(known_image(image), who(client_id))
     return [s for s in app_instance().datastore().history(image) if s.get("version") not in hidden]
 
 
@@ -398,13 +391,8 @@ def label_voxels(image: str, user: Reader, seg: str | None = None, client_id: st
     if seg is not None and not SERIES_UID.match(seg):
         raise HTTPException(status_code=400, detail=f"seg {seg!r} is not a DICOM UID")
     team = app_instance().team
-    hidden = team.blind(known_image(image), _client(client_id))
-    if seg is None:
-        newest = team.final_saves.newest(image) if hidden else None
-        hide = newest is not None and newest["version"] in hidden
-    else:
-        hide = any(s["version"] in hidden and s["seg_series"] == seg for s in team.history(image))
-    if hide:
+    client = who(client_id)
+    if team.final_hidden(known_image(image), client) if seg is None else seg in team.hidden_series(client):
         raise HTTPException(
             status_code=404,
             detail=f"image {image!r} is read twice: the other reading is shown once yours is saved",

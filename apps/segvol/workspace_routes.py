@@ -13,7 +13,7 @@ import zlib
 from typing import Annotated
 
 import numpy as np
-from datastore_routes import Annotator, Reader, json_params, known_image, spool
+from datastore_routes import Annotator, Reader, json_params, known_image, spool, who
 from fastapi import File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import Response
 from monailabel.app import app
@@ -24,14 +24,6 @@ from monailabel.utils.async_tasks.utils import processes
 from lib.labels.colours import catalog
 from lib.team.autosaves import AutosaveError
 from lib.team.conflicts import based_on
-from lib.team.identity import IdentityError, client_of
-
-
-def _who(params: dict) -> str:
-    try:
-        return client_of(params)
-    except IdentityError as e:
-        raise HTTPException(status_code=e.status, detail=str(e)) from e
 
 
 def _autosaves():
@@ -76,7 +68,7 @@ def put_autosave(
     final label it started from), encoding. The image itself is not read: a save of it may be
     fetching it from the archive at this moment, and the page checks the shape when it restores."""
     asked = json_params(params)
-    client = _who(asked)
+    client = who(asked.get("client_id"))
     try:
         base, _ = based_on(asked)
     except ValueError as e:
@@ -97,7 +89,7 @@ def put_autosave(
 
 @app.get("/segvol/autosave", summary="This annotator's autosaved work on an image: raw uint8, Fortran order")
 def get_autosave(image: str, user: Reader, client_id: str | None = None) -> Response:
-    client = _who({"client_id": client_id})
+    client = who(client_id)
     saved = _autosaves().get(known_image(image), client)
     if saved is None:
         raise HTTPException(status_code=404, detail=f"no autosaved work of {client} on image {image!r}")
@@ -113,7 +105,7 @@ def get_autosave(image: str, user: Reader, client_id: str | None = None) -> Resp
 
 @app.delete("/segvol/autosave", summary="Discard this annotator's autosaved work on an image")
 def delete_autosave(image: str, user: Annotator, client_id: str | None = None) -> dict:
-    client = _who({"client_id": client_id})
+    client = who(client_id)
     return {"dropped": _autosaves().drop(known_image(image), client)}
 
 

@@ -15,7 +15,7 @@ from lib.labels.uploads import UploadError, UploadTooLarge
 from lib.paths import PathError, inside
 from lib.team.conflicts import ConflictError
 from lib.team.identity import IdentityError
-from lib.team.reviews import ReviewError
+from lib.team.reviews import ReviewError, slicer_meta
 from lib.team.team import Team
 from segvol.io import ImageReadError, read_volume
 from segvol.vocabulary import Vocabulary
@@ -103,6 +103,19 @@ class CheckedLabels:
         target = self._inside(os.path.join(label_dir, self.file_name(image_id, ".nii.gz")))
         self.put_label_file(image_id, tag, target, lambda path: write_nifti_like(image_path, label, path), info)
         return image_id
+
+    def json(self) -> dict:
+        """MONAI Label's listing, each final label's info with its review as 3D Slicer's reviewer
+        module reads it (``segmentationMeta``)."""
+        out = super().json()
+        reviews = self.team.reviews
+        if reviews is None:
+            return out
+        for image, review in reviews.newest_by_image().items():
+            final = out.get("objects", {}).get(image, {}).get("labels", {}).get(FINAL)
+            if isinstance(final, dict):
+                final["info"] = dict(final.get("info") or {}, segmentationMeta=slicer_meta(review))
+        return out
 
     def reviewed_label(self, image_id: str, seg_series: str | None) -> tuple[np.ndarray, dict[int, str]]:
         """The label a reviewer corrects: the image's final label (its SEG series on an archive)."""

@@ -67,6 +67,18 @@ def checked_comments(comment: object, segments: object) -> tuple[str, dict[str, 
     return comment.strip(), {k: v.strip() for k, v in segments.items() if v.strip()}
 
 
+def slicer_meta(review: dict) -> dict:
+    status = {APPROVED: "approved", RETURNED: "flagged"}.get(review["state"], "")
+    return {
+        "status": status,
+        "approvedBy": review["reviewer"] if status == "approved" else "",
+        "level": "",
+        "comment": review["comment"] or "",
+        "editTime": int(time.mktime(time.strptime(review["reviewed"] or review["time"], "%Y-%m-%dT%H:%M:%S%z"))),
+        "state": review["state"],
+    }
+
+
 class Reviews:
     def __init__(self, store: TeamStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -288,6 +300,20 @@ class Reviews:
             for e in events
         ]
 
+    def slicer_meta(self, save: int) -> dict:
+        """The review as 3D Slicer's reviewer module (MONAILabelReviewer) reads it from a label's info:
+        ``segmentationMeta`` {status approved / flagged / "", approvedBy, level, comment, editTime}."""
+        review = self.of(save)
+        return slicer_meta(review) if review else {}
+
+    def newest_by_image(self) -> dict[str, dict]:
+        """Image -> the review of its newest final save (one query, for the datastore listing)."""
+        with self.store.connect() as db:
+            rows = db.execute(
+                "SELECT * FROM reviews WHERE save IN (SELECT MAX(save) FROM reviews GROUP BY image)"
+            ).fetchall()
+        return {r["image"]: self._row(r) for r in rows}
+
     def of_label(self, image: str, key: str) -> dict | None:
         """The review of a datastore's final label: its SEG series (``key`` on an archive) or, in a
         folder, the image's newest final save. None when no save of it is on record."""
@@ -303,6 +329,16 @@ class Reviews:
                     (image,),
                 ).fetchone()
         return None if row is None else self._row(row)
+
+    def waiting_series(self, client: str) -> set[str]:
+        """The SEG series of the waiting double readings of annotators other than ``client``."""
+        with self.store.connect() as db:
+            rows = db.execute(
+                "SELECT s.seg_series FROM reviews r JOIN saves s ON s.id = r.save WHERE r.state = 'waiting' "
+                "AND r.annotator != ? AND s.seg_series IS NOT NULL",
+                (client,),
+            ).fetchall()
+        return {r["seg_series"] for r in rows}
 
     def waiting_readings(self) -> list[sqlite3.Row]:
         """The double readings whose second reading is not in: (image, annotator, save)."""

@@ -71,6 +71,18 @@ class Team:
             return set()
         return self.double.hidden_from(image_id, client, self.roles.reviewer(client))
 
+    def final_hidden(self, image_id: str, client: str) -> bool:
+        """Whether the image's newest final label is a double reading ``client`` may not see yet."""
+        hidden = self.blind(image_id, client)
+        newest = self.final_saves.newest(image_id) if hidden else None
+        return newest is not None and newest["version"] in hidden
+
+    def hidden_series(self, client: str) -> set[str]:
+        """The SEG series of every double reading ``client`` may not see yet (for the DICOMweb proxy)."""
+        if self.reviews is None or self.roles.reviewer(client):
+            return set()
+        return self.reviews.waiting_series(client)
+
     def saved(self, image_id: str, tag: str, info: dict, label: np.ndarray | None = None, spacing=None) -> None:
         """A label was stored: its history entry; a final label is submitted for review (a double
         reading keeps its voxels, and the pair's agreement is measured once both are in), ends the

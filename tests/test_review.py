@@ -7,6 +7,9 @@ the same in a second server process started on the same datastore."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import nibabel as nib
@@ -16,7 +19,7 @@ import requests
 
 from conftest import phantom
 from lib.team.double_reading import chosen
-from server import Server
+from server import ROOT, Server
 
 pytestmark = pytest.mark.server
 SHAPE = (64, 48, 16)
@@ -274,3 +277,31 @@ def test_the_slicer_reviewer_modules_conventions(server):
         timeout=60,
     )
     assert other.status_code == 403
+
+
+def test_a_round_from_the_command_line_learns_from_approved_labels_only(server, studies, tmp_path):
+    """``python apps/segvol round`` reads the same team store: only approved labels, each listed with
+    its state in the version's metadata."""
+    states = {
+        x["image"]: x["state"]
+        for image in SINGLE[:6] + DOUBLE[:2]
+        for x in _get(server, "/segvol/review/image", image=image, client_id="Rita").json()["labels"][:1]
+    }
+    approved = sorted(image for image, state in states.items() if state == "approved")
+    assert len(approved) >= 2 and len(approved) < len(states)  # some are not: submitted, returned, a pair
+    conf = dict(CONF, versions_dir=str(tmp_path / "versions"), train_windows="1")
+    args = [x for k, v in conf.items() for x in ("--conf", k, v)]
+    out = tmp_path / "round.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "apps" / "segvol"), "round", "--studies", str(studies), *args, "--steps", "2"]
+        + ["--output", str(out)],
+        env=dict(os.environ, PYTHONPATH=f"{ROOT / 'apps' / 'segvol'}{os.pathsep}{ROOT}", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["train_on"] == "approved", result
+    assert sorted(x["image"] for x in result["labels"]) == approved
+    assert {x["state"] for x in result["labels"]} == {"approved"}

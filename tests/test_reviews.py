@@ -220,3 +220,15 @@ def test_a_round_learns_from_approved_labels_only(team):
     image = _image(0.5, True)
     _save(provenance, reviews, image, "ada", reading=True)
     assert [i["image_id"] for i in ReviewedLabels(Folder([image]), reviews, "final").datalist()] == []
+
+
+def test_labels_saved_before_reviews_existed_are_submitted_once(tmp_path):
+    store = TeamStore(tmp_path / "team.sqlite")
+    provenance = Provenance(store)
+    old = provenance.record_save("img", "ada", "final", "base", [{"value": 1, "name": "liver"}], None)
+    newer = provenance.record_save("img", "bob", "final", "base", [{"value": 1, "name": "liver"}], None)
+    provenance.record_save("other", "ada", "draft", "base", [], None)
+    reviews = Reviews(store)
+    assert [r["version"] for r in reviews.pending()] == [newer] and reviews.of(old) is None
+    Reviews(store)  # opened again: nothing added twice
+    assert [r["version"] for r in reviews.pending()] == [newer]

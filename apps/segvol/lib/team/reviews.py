@@ -83,6 +83,18 @@ class Reviews:
     def __init__(self, store: TeamStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        self._adopt_earlier_saves()
+
+    def _adopt_earlier_saves(self) -> None:
+        """Each image's newest final label saved before reviews were recorded (a store from an
+        earlier version) is submitted for review, once: it reaches the queue rather than never."""
+        with self.store.connect(write=True) as db:
+            db.execute(
+                "INSERT INTO reviews (save, image, annotator, submitted, state, reading) "
+                "SELECT id, image, client, time, 'submitted', 0 FROM saves WHERE id IN "
+                "(SELECT MAX(id) FROM saves WHERE tag = 'final' GROUP BY image) "
+                "AND image NOT IN (SELECT image FROM reviews)"
+            )
 
     # ------------------------------------------------------------------ a final save arrives
     def submitted(

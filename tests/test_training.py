@@ -25,13 +25,14 @@ def app_parts(tmp_path):
 
     from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
     from lib.trainers.decoder import SegVolDecoderTrainer
 
     write_phantoms(tmp_path / "studies", 5)
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
     service = ModelHost(settings)
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
-    return service, datastore, SegVolDecoderTrainer(service)
+    return service, datastore, SegVolDecoderTrainer(service, Team(0))
 
 
 def test_a_round_improves_held_out_dice_and_is_served(app_parts):
@@ -175,11 +176,12 @@ def test_a_round_needs_two_labelled_images_and_keeps_the_sides_apart(tmp_path):
     from lib.rounds.round import split
     from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
     from lib.trainers.decoder import SegVolDecoderTrainer
 
     write_phantoms(tmp_path / "studies", 1)
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions")), tmp_path / "model")
-    trainer = SegVolDecoderTrainer(ModelHost(settings))
+    trainer = SegVolDecoderTrainer(ModelHost(settings), Team(0))
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
     result = trainer(dict(ROUND), datastore)
     assert result["status"] == "skipped" and "two labelled images" in result["reason"]
@@ -295,12 +297,13 @@ def round_parts(folder: Path, tmp_path: Path, **conf: str):
 
     from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.team import Team
     from lib.trainers.decoder import SegVolDecoderTrainer
 
     settings = AppSettings.from_conf(dict(CONF, versions_dir=str(tmp_path / "versions"), **conf), tmp_path / "model")
     service = ModelHost(settings)
     datastore = LocalDatastore(str(folder), extensions=["*.nii.gz"], auto_reload=False)
-    return service, datastore, SegVolDecoderTrainer(service)
+    return service, datastore, SegVolDecoderTrainer(service, Team(0))
 
 
 def sides(ids: list[str]) -> tuple[list[str], list[str]]:

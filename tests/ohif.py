@@ -258,3 +258,14 @@ def seg_of(archive, series: str, seg_series: str):
     """The SEG of ``series`` in the archive whose SeriesInstanceUID is ``seg_series``."""
     (found,) = [d for d in archive.segs(series) if d.SeriesInstanceUID == seg_series]
     return found
+
+
+def message(page, text: str, timeout: float = 60_000) -> str:
+    """The workspace's message line once it says ``text``; what it says instead when it never does."""
+    from playwright.sync_api import TimeoutError as Timeout
+
+    try:
+        page.locator("#segvol-message").filter(has_text=text).wait_for(timeout=timeout)
+    except Timeout as e:
+        raise AssertionError(f"waited for {text!r}; the page says: {page.inner_text('#segvol-message')}") from e
+    return page.inner_text("#segvol-message")

@@ -90,3 +90,17 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log_file.close()
+
+
+def run_round(srv: Server, timeout: float = 600) -> dict:
+    """Start a fine-tune round on ``srv`` and wait for it to end: the server's status then."""
+    r = requests.post(f"{srv.url}/train/segvol", json={}, timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.time() + timeout
+    time.sleep(2)
+    while time.time() < deadline:
+        status = requests.get(f"{srv.url}/segvol/status", timeout=30).json()
+        if status["round"] and status["round"]["state"] in ("done", "failed", "interrupted"):
+            return status
+        time.sleep(1)
+    raise TimeoutError(srv.log.read_text()[-3000:])

@@ -19,6 +19,7 @@ from phantom import make_phantom  # noqa: E402
 
 from archive import PASSWORD, USER, Archive, dicomweb_server, foreign_seg, orthanc, save_liver
 from conftest import ROOT, run_cli
+from server import run_round
 
 pytestmark = pytest.mark.dicomweb
 LIVER = 1  # /info label index
@@ -70,19 +71,6 @@ def _infer_version(srv, image: str) -> str:
     return r.json()["model_version"]
 
 
-def _round(srv, timeout: float = 600) -> dict:
-    r = requests.post(f"{srv.url}/train/segvol", json={}, timeout=30)
-    assert r.status_code == 200, r.text
-    deadline = time.time() + timeout
-    time.sleep(2)
-    while time.time() < deadline:
-        status = requests.get(f"{srv.url}/segvol/status", timeout=30).json()
-        if status["round"] and status["round"]["state"] in ("done", "failed", "interrupted"):
-            return status
-        time.sleep(1)
-    raise TimeoutError(srv.log.read_text()[-3000:])
-
-
 def test_a_round_learns_from_labels_in_the_archive_whoever_wrote_them(stack):
     archive, srv, work = stack
     series = archive.series
@@ -102,7 +90,7 @@ def test_a_round_learns_from_labels_in_the_archive_whoever_wrote_them(stack):
     bad = foreign_seg(archive.series_files("lung1"), off, [("liver", LIVER_CODE)], shift_mm=2.5)
     archive.store(bad)
 
-    status = _round(srv)
+    status = run_round(srv)
     result = status["last_round"]
     assert status["round"]["state"] == "done" and result["version"] == "v0001", status
     meta = json.loads((work / "versions" / "v0001" / "meta.json").read_text())

@@ -25,6 +25,7 @@ from ohif import (
     chromium,
     drag,
     index_instances,
+    message,
     open_mode,
     page_labelmap,
     phantom_studies,
@@ -65,16 +66,6 @@ def team(tmp_path_factory):
             pages.append(page)
         yield archive, srv, pages
         browser.close()
-
-
-def _message(page, text: str, timeout: float = 60_000) -> str:
-    from playwright.sync_api import TimeoutError as Timeout
-
-    try:
-        page.locator("#segvol-message").filter(has_text=text).wait_for(timeout=timeout)
-    except Timeout as e:
-        raise AssertionError(f"waited for {text!r}; the page says: {page.inner_text('#segvol-message')}") from e
-    return page.inner_text("#segvol-message")
 
 
 def _find(page, name: str) -> None:
@@ -135,7 +126,7 @@ def day(team, tmp_path_factory):
         set_annotator(page)
     assert ada.evaluate(ACTIVE) == "no segment chosen"
     _brush(ada, (0.4, 0.4), (0.55, 0.5))
-    out["refused stroke"] = (_message(ada, "Nothing painted"), ada.evaluate(COUNT))
+    out["refused stroke"] = (message(ada, "Nothing painted"), ada.evaluate(COUNT))
 
     # the box prompt: liver found by name, a rectangle dragged on the axial view, slices set, Run
     _find(ada, "liver")
@@ -144,7 +135,7 @@ def day(team, tmp_path_factory):
     ada.fill("#segvol-box-k0", "4")
     ada.fill("#segvol-box-k1", "17")
     ada.locator("#segvol-box-run").click()
-    _message(ada, "Box prompt for liver")
+    message(ada, "Box prompt for liver")
     out["box sent"] = ada.evaluate("() => window.segvolLastBox")
     out["box overlays"] = ada.evaluate(
         """() => [...document.querySelectorAll('svg.segvol-box')].map(s =>
@@ -161,7 +152,7 @@ def day(team, tmp_path_factory):
     _until_autosaved(srv, ada, image)
     ada.reload(wait_until="domcontentloaded")
     ada.locator("#segvol-workspace").wait_for(timeout=120_000)
-    out["restored message"] = _message(ada, "Restored your unsaved work", 120_000)
+    out["restored message"] = message(ada, "Restored your unsaved work", 120_000)
     out["after reload"] = page_labelmap(ada, shape)
     out["dialogs"] = list(ada.dialogs)
     ada.screenshot(path=str(ARTIFACTS / "2-work-restored.png"))
@@ -170,14 +161,14 @@ def day(team, tmp_path_factory):
     # undo brings both back, and a second delete sticks; then Ada saves
     index = ada.evaluate("() => window.segvolOhif.segmentsByName()['spleen']")
     ada.evaluate(f"() => window.services.segmentationService.removeSegment('1', {index})")
-    _message(ada, "Deleted spleen")
+    message(ada, "Deleted spleen")
     out["after delete"] = page_labelmap(ada, shape)
     ada.locator("#segvol-undo").click()
     ada.wait_for_function("() => window.segvolOhif.segmentsByName()['spleen']", timeout=10_000)
     out["after undo"] = page_labelmap(ada, shape)
     index = ada.evaluate("() => window.segvolOhif.segmentsByName()['spleen']")
     ada.evaluate(f"() => window.services.segmentationService.removeSegment('1', {index})")
-    _message(ada, "Deleted spleen")
+    message(ada, "Deleted spleen")
     first = _save(ada)
     out["first save"] = first.json()
     out["first page"] = page_labelmap(ada, shape)
@@ -185,7 +176,7 @@ def day(team, tmp_path_factory):
     # Grace arrives after Ada's save: the final label is shown, its own segment active
     grace.reload(wait_until="domcontentloaded")
     grace.locator("#segvol-workspace").wait_for(timeout=120_000)
-    _message(grace, "Showing the image's final label", 120_000)
+    message(grace, "Showing the image's final label", 120_000)
     grace.wait_for_function(f"() => ({ACTIVE})() !== 'no segment chosen'", timeout=10_000)
     out["grace active"] = grace.evaluate(ACTIVE)
 
@@ -200,12 +191,12 @@ def day(team, tmp_path_factory):
     grace.locator("#segvol-conflict").wait_for(timeout=30_000)
     grace.screenshot(path=str(ARTIFACTS / "3-conflict.png"))
     grace.locator("#segvol-conflict-merge").click()
-    out["merge message"] = _message(grace, "Took left kidney")
+    out["merge message"] = message(grace, "Took left kidney")
     merged = _save(grace)
     out["merged save"] = merged.json()
     out["merged page"] = page_labelmap(grace, shape)
     # Ada, on the same image, is told without asking, and her history lists Grace's version
-    out["told"] = _message(ada, "Grace Hopper saved a label of this image", 30_000)
+    out["told"] = message(ada, "Grace Hopper saved a label of this image", 30_000)
     ada.locator("#segvol-history li").first.filter(has_text="Grace Hopper").wait_for(timeout=30_000)
     out["errors"] = [e for p in (ada, grace) for e in p.errors]
     return out
@@ -225,8 +216,8 @@ def test_a_box_drawn_in_the_page_equals_the_same_box_over_rest(day):
 
 
 def test_a_stroke_before_any_segment_is_chosen_paints_nothing(day):
-    message, count = day["refused stroke"]
-    assert "choose the segment to paint first" in message and count == 0
+    said, count = day["refused stroke"]
+    assert "choose the segment to paint first" in said and count == 0
 
 
 def test_a_reload_restores_the_autosaved_work_and_asks_first(day):

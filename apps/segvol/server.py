@@ -171,7 +171,7 @@ async def health() -> JSONResponse:
 OHIF_CONFIG = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif" / "app-config.js"
 # the SegVol mode: the shim of the OHIF build first (it checks that build), the segments, the box
 # prompt, the workspace panel, then the workspace and the mode
-MODE_FILES = ("ohif-shim.js", "segments.js", "box-prompt.js", "workspace-panel.js", "segvol-mode.js")
+MODE_FILES = ("ohif-shim.js", "segments.js", "box-prompt.js", "workspace-panel.js", "review-panel.js", "segvol-mode.js")
 SEGVOL_MODE = tuple(Path(__file__).parent / "static" / name for name in MODE_FILES)
 
 

@@ -22,6 +22,7 @@
   const { currentSeries, labelmapData, segmentLabel, setLabelmap } = ohif;
   const { catalog, segments, writeNamed } = window.segvolSegments;
   const { box, run: runBox } = window.segvolBox;
+  const review = window.segvolReview; // review-panel.js: the reviewer's and the returned labels' part
   const AUTOSAVE_MS = 2000; // unsaved work reaches the server this long after the last change
 
   const onSegVolPage = () => location.pathname.replace(/\/+$/, '').endsWith('/' + ROUTE);
@@ -188,10 +189,13 @@
       conflict: null,
       box: box.snapshot(),
       search: '',
+      review: review ? review.initial() : {},
     },
     labels: {}, // /info label index -> name
     image: null, // the series whose labelmap the page holds, once restored or opened
     basedOn: null, // the version of the final label the work started from (0: none)
+    reviewOf: null, // the label version this reviewer's save corrects (review-panel.js), else null
+    api,
     set(patch) {
       Object.assign(this.state, patch);
       this.listeners.forEach(f => f({ ...this.state }));
@@ -206,6 +210,7 @@
       if (name) localStorage.setItem(ANNOTATOR_KEY, name);
       if (changed && !this.dirty()) this.image = null;
       this.refresh();
+      if (changed && review) review.load();
     },
     setStrategy(strategy) {
       localStorage.setItem(STRATEGY_KEY, strategy);
@@ -237,6 +242,7 @@
       } catch (e) {
         this.set({ status: { error: String(e.message || e) } });
       }
+      if (review) review.poll();
     },
 
     // What changed since the last look: a colleague's new label, a lease that ended, a round over.
@@ -266,13 +272,15 @@
     async loadHistory() {
       const where = currentSeries();
       if (!where) return;
+      const fresh = this.historyOf !== where.series;
       this.historyOf = where.series;
       try {
-        const { body } = await api('/segvol/labels?image=' + encodeURIComponent(where.series));
+        const { body } = await api('/segvol/labels?' + new URLSearchParams({ image: where.series, client_id: annotator() }));
         this.set({ history: body });
       } catch (e) {
         this.set({ history: [] });
       }
+      if (review && fresh) review.onImage(where.series);
     },
 
     // A result of MONAI Label's panel: the class just prompted becomes the segment the tools paint.
@@ -297,6 +305,9 @@
         await this.info();
         this.image = where.series;
         segments.reset();
+        this.reviewOf = null;
+        const reviewing = review ? review.context(where.series) : null; // a label picked in the To review list
+        if (reviewing && reviewing.fresh) return await review.open(reviewing.item);
         const q = new URLSearchParams({ image: where.series, client_id: annotator() });
         const r = await fetch('/segvol/autosave?' + q);
         if (r.ok) {
@@ -304,10 +315,12 @@
           this.show(new Uint8Array(await r.arrayBuffer()), JSON.parse(r.headers.get('X-SegVol-Labels') || '{}'));
           this.basedOn = meta.based_on ?? null;
           history.saved = null;
+          if (reviewing) review.resume(reviewing.item);
           this.say(`Restored your unsaved work from ${when(meta.time)} (autosaved on the server; it becomes a label when you save).`);
           return;
         }
-        const { body } = await api('/segvol/labels?image=' + encodeURIComponent(where.series));
+        if (reviewing) return await review.open(reviewing.item);
+        const { body } = await api('/segvol/labels?' + new URLSearchParams({ image: where.series, client_id: annotator() }));
         this.set({ history: body });
         const final = body.find(e => !e.draft && e.version);
         this.basedOn = final ? final.version : 0;
@@ -317,6 +330,27 @@
       } finally {
         this.arriving = false;
       }
+    },
+
+    // A label shown as the saved state of the work (no unsaved edits), its version the one the work is based on.
+    showLabel(raw, names, basedOn) {
+      const shown = this.show(raw, names);
+      history.saved = new Uint8Array(labelmapData());
+      if (basedOn != null) this.basedOn = basedOn;
+      return shown;
+    },
+
+    // The viewer to ``series`` of ``study`` (a page load); false when the annotator stays.
+    go(study, series) {
+      const edited = labelmapData();
+      if (edited && history.dirty(edited)) {
+        if (!window.confirm('This image has edits that are not saved (they are autosaved: you will find them when you come back). Leave it anyway?')) return false;
+        this.autosave();
+      }
+      const q = new URLSearchParams({ StudyInstanceUIDs: study, initialSeriesInstanceUID: series });
+      leaving = true;
+      location.assign(`${config.routerBasename.replace(/\/$/, '')}/${ROUTE}?${q}`);
+      return true;
     },
 
     // ``raw`` voxels (values named by ``names``) shown as the labelmap; the first segment active
@@ -380,7 +414,11 @@
           return;
         }
         if (!body.StudyInstanceUID) throw new Error(`the server named image ${body.id} without its study`);
-        sessionStorage.setItem('segvol-label.note', body.note || '');
+        const notes = [body.note];
+        if (body.returned) notes.push(`${body.returned.reviewer || 'a reviewer'} returned your label of this image: ${body.returned.comment || ''}`);
+        if (body.double_read) notes.push("this image is double read: another annotator labels it too, and neither sees the other's label until both are saved");
+        sessionStorage.setItem('segvol-label.note', notes.filter(Boolean).join(' · '));
+        if (review) review.handed(body);
         const q = new URLSearchParams({
           StudyInstanceUIDs: body.StudyInstanceUID,
           initialSeriesInstanceUID: body.id,
@@ -403,6 +441,8 @@
       if (unnamed.length) return this.say(`Voxels of value ${unnamed.join(', ')} belong to no segment: undo the deletion or erase them.`, false);
       const form = new FormData();
       const params = { label_info: info.map(x => ({ name: x.name })), client_id: annotator(), based_on: this.basedOn ?? 0, force };
+      const reviewOf = this.reviewOf && this.image === where.series ? this.reviewOf : null;
+      if (reviewOf) params.review_of = reviewOf; // a reviewer's correction: approved as it is saved
       form.append('params', JSON.stringify(params));
       form.append('label', new Blob([new Uint8Array(data.buffer, data.byteOffset, data.byteLength)]), 'label.bin');
       this.set({ busy: 'save', conflict: null });
@@ -423,13 +463,16 @@
         const seconds = ((performance.now() - t0) / 1000).toFixed(1);
         this.say(`Saved to the archive in ${seconds} s as ${body.client || annotator()}, version ${body.version} (${kinds.join('; ')}).`);
         window.segvolLastSave = { seconds: Number(seconds), response: body };
+        if (review && reviewOf) review.corrected(body);
+        else if (review) review.saved(where.series);
         this.loadHistory();
         this.refresh();
       } catch (e) {
         if (e.status === 409 && e.detail && e.detail.newest) {
           this.set({ conflict: e.detail });
           this.say(`Not saved yet: ${e.detail.message}.`, false);
-        } else this.say(`Not saved: ${e.message}`, false);
+        } else if (review && reviewOf && [403, 404, 409].includes(e.status)) this.say(review.refusal('correct', e), false);
+        else this.say(`Not saved: ${e.message}`, false);
       } finally {
         this.set({ busy: '' });
       }
@@ -475,7 +518,7 @@
     },
 
     async fetchLabel(entry) {
-      const q = new URLSearchParams({ image: currentSeries().series });
+      const q = new URLSearchParams({ image: currentSeries().series, client_id: annotator() });
       if (entry && entry.seg_series) q.set('seg', entry.seg_series);
       const { body, headers } = await api('/segvol/labels/voxels?' + q);
       return { raw: new Uint8Array(body), names: JSON.parse(headers.get('X-SegVol-Labels') || '{}') };

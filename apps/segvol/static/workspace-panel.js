@@ -1,5 +1,6 @@
-// segvol-label: the SegVol workspace panel (sent after box-prompt.js, before segvol-mode.js): what
-// the annotator sees of window.segvolWorkspace (segvol-mode.js), drawn with the bundle's React.
+// segvol-label: the SegVol workspace panel (sent after box-prompt.js, before review-panel.js and
+// segvol-mode.js): what the annotator sees of window.segvolWorkspace (segvol-mode.js), drawn with
+// the bundle's React; the review sections are review-panel.js's (window.segvolReview).
 (function () {
   'use strict';
   const ohif = window.segvolOhif;
@@ -17,6 +18,7 @@
       workspace.info().catch(e => workspace.say(`Cannot reach the server: ${e.message}`, false));
       workspace.refresh();
       workspace.loadHistory();
+      if (window.segvolReview) window.segvolReview.load(); // review-panel.js: roles, the review lists
       const note = sessionStorage.getItem('segvol-label.note');
       if (note) {
         workspace.say(`Note: ${note}`, false);
@@ -100,6 +102,7 @@
         state.message || 'Ready.'
       ),
       state.conflict ? conflictDialog(h, state.conflict, button) : null,
+      window.segvolReview ? window.segvolReview.sections(h, state, button) : null,
       activeRow(h, state),
       findBox(h, state),
       boxSection(h, state, button),

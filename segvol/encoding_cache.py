@@ -61,5 +61,8 @@ class EncodingCache:
             log.info("cache: evicted image %s (%.0f MB kept)", key[:8], self.nbytes() / 2**20)
         return dropped
 
+    def drop(self, key: str) -> None:
+        self._images.pop(key, None)
+
     def clear(self) -> None:
         self._images.clear()

@@ -99,6 +99,22 @@ class SegVolPredictor:
         log.info("image %s: shape %s, crop %s..%s", key[:8], self.image.shape_ijk, c.start_ijk, c.stop_ijk)
         self._evict()
 
+    def zoom_out_logits(self, image_ijk: np.ndarray, names: list[str]) -> list[torch.Tensor]:
+        """The zoom-out pass's logits (model space, not upsampled) for each category name, the image
+        left out of the encoding cache if it was not there: scoring a whole archive image by image
+        must not push out the images annotators are working on."""
+        key = digest(image_ijk)
+        cached = self.cache.get(key) is not None
+        self.set_image(image_ijk, key)
+        try:
+            embedding = self.zoom_out_embedding()
+            with torch.no_grad():
+                return [self.model.decode(embedding, self.text_embedding(n)[0], upsample=False) for n in names]
+        finally:
+            if not cached:
+                self.cache.drop(key)
+                self._entry = None
+
     def _prepare(self, image_ijk: np.ndarray, key: str) -> PreparedImage:
         """Preprocessing on the device; a volume too large for the GPU is preprocessed on the CPU
         and its windows moved to the GPU batch by batch."""

@@ -220,12 +220,18 @@ def test_versions_from_the_command_line(app_parts):
     assert run_cli("versions", "list", "--dir", str(service.versions.root / "nope")).returncode == 2
 
 
-def test_next_sample_prefers_the_least_certain_image(tmp_path):
+def test_next_sample_prefers_the_least_certain_image_without_running_the_model(tmp_path):
+    """The scorer scores in the background; Next image only reads the scores: no encoder or
+    decoder pass on the request path, an earlier model's scores until the served one's are in,
+    at random before any."""
     from monailabel.datastore.local import LocalDatastore
 
+    from lib.activelearning.scorer import BackgroundScorer
     from lib.activelearning.uncertainty import Uncertainty
     from lib.serving.host import ModelHost
     from lib.settings import AppSettings
+    from lib.team.scores import Scores
+    from lib.team.store import TeamStore
     from lib.team.unreadable import Unreadable
 
     write_phantoms(tmp_path / "studies", 4, labelled=False)
@@ -233,15 +239,35 @@ def test_next_sample_prefers_the_least_certain_image(tmp_path):
     service = ModelHost(settings)
     service.load()
     datastore = LocalDatastore(str(tmp_path / "studies"), extensions=["*.nii.gz"], auto_reload=False)
-    strategy = Uncertainty(service, Unreadable())
-    pick = strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)
+    store = TeamStore(tmp_path / "team.sqlite")
+    strategy = Uncertainty(service, Unreadable(), store)
+    images = {f"phantom{i}" for i in range(4)}
+    before = strategy({"strategy": "uncertainty"}, datastore)
+    assert before["id"] in images and "random" in before["scored_by"]
+
+    scorer = BackgroundScorer(service, store, lambda: datastore, Unreadable(), pause=0)
+    assert scorer.run_pass() == 4 and scorer.run_pass() == 0  # scored once per model version
+    cached = service.predictor.cache_bytes()
+    passes = service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]
+    pick = strategy({"strategy": "uncertainty"}, datastore)
     scores = pick["uncertainty"]
-    assert set(scores) == {f"phantom{i}" for i in range(4)} and pick["categories"] == ["liver"]
+    assert set(scores) == images and pick["categories"] == list(settings.auto_labels[:3])
     assert pick["id"] == max(scores, key=scores.get) and all(0 <= s <= 1 for s in scores.values())
     assert len(set(scores.values())) == 4  # the images really differ
-    passes = service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]
-    assert strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)["id"] == pick["id"]
+    assert pick["scored_by"]["model_version"] == service.version and pick["scored_by"]["scored"] == 4
     assert (service.predictor.stats["decoder_passes"], service.predictor.stats["encoder_windows"]) == passes
+    assert service.predictor.cache_bytes() == cached == 0  # scoring kept no encodings
+
+    # asked for other categories, not scored yet: the team's scores answer, and say so
+    other = strategy({"strategy": "uncertainty", "labels": ["liver"]}, datastore)
+    assert other["categories"] == list(settings.auto_labels[:3]) and other["id"] == pick["id"]
+
+    # another model served: the earlier scores answer until its own are in
+    Scores(store).put("phantom0", list(settings.auto_labels[:3]), "an-earlier-model", 2.0, 0.1)
+    service.version = "a-newer-model"
+    stale = strategy({"strategy": "uncertainty"}, datastore)
+    assert stale["scored_by"]["model_version"] != "a-newer-model" and stale["scored_by"]["earlier_models"]
+    assert sorted(scorer.todo(list(settings.auto_labels[:3]))) == sorted(images)  # all to score again
 
 
 def test_disk_full_while_writing_a_version_keeps_the_old_one(tmp_path):

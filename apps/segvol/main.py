@@ -16,6 +16,7 @@ from monailabel.tasks.activelearning.first import First
 
 import segvol
 from lib.activelearning.random_strategy import RandomStrategy
+from lib.activelearning.scorer import BackgroundScorer
 from lib.activelearning.uncertainty import Uncertainty
 from lib.compat.app import AppAccess
 from lib.configs.segvol import SegVolTaskConfig
@@ -73,7 +74,7 @@ class SegVolApp(AppAccess, MONAILabelApp):
     def init_strategies(self) -> dict:
         """``uncertainty`` first: OHIF's panel and our Next image use the first as the default."""
         return {
-            "uncertainty": Uncertainty(self.service, self.team.unreadable),
+            "uncertainty": Uncertainty(self.service, self.team.unreadable, self.team.store),
             "random": RandomStrategy(),
             "first": First(),
         }
@@ -167,6 +168,13 @@ class SegVolApp(AppAccess, MONAILabelApp):
                 log.warning("pending SEGs stay pending: %s", e.detail)
         self.service.start()
         self.rounds.start()
+        if self.service.settings.background_scoring:
+            self.scorer.start()
+
+    @cached_property
+    def scorer(self) -> BackgroundScorer:
+        """Uncertainty scores for Next image, computed off the request path (lib/activelearning/scorer.py)."""
+        return BackgroundScorer(self.service, self.team.store, self.datastore, self.team.unreadable)
 
     @cached_property
     def rounds(self) -> RoundSchedule:
@@ -180,6 +188,7 @@ class SegVolApp(AppAccess, MONAILabelApp):
         enough new final labels came in."""
         result = super().on_save_label(image_id, label_id) or {}
         self.rounds.labels_saved()
+        self.scorer.wake()  # the team's categories may have changed
         return result
 
     def info(self) -> dict:

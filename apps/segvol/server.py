@@ -357,6 +357,7 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
         "warning": service.warning,
         "error": service.error,
         "unreadable_images": team.unreadable.as_json(),
+        "scoring": instance.scorer.progress() if team.store is not None else None,
         "pending_segs": _pending(instance.datastore()),
     }
 

@@ -70,6 +70,9 @@ HELP = {
     "promote_min_gain": "held-out Dice must rise by more than this for a version to be served (0.0)",
     "promote_replay_margin": "other categories may move at most this far from the previous version (0.1)",
     "archive_refresh_seconds": "DICOMweb: how often the archive's series and SEGs are listed again (60)",
+    "background_scoring": "score the unlabelled images for Next image's uncertainty strategy in the background, "
+    "one image at a time between prompts, again after each promotion (true); false: Next image picks among "
+    "the scores already stored (by another process or preannotate), else at random",
     "lease_minutes": "an image handed to one annotator is not handed to another for this long (30)",
     "max_upload_mb": "the largest label or image a client may upload, in MB (1024); "
     "sizes are checked from the file's header before anything is inflated",
@@ -138,6 +141,7 @@ class AppSettings:
     archive_refresh_seconds: float = 60.0
     max_upload_mb: float = 1024.0
     datastore_changes: bool = False
+    background_scoring: bool = True
     team_db: Path | None = None
     reviewers: tuple[str, ...] = ()
     self_review: bool = False
@@ -163,6 +167,7 @@ class AppSettings:
             device=conf.get("device", "auto"),
             zoom_in=_bool(conf, "zoom_in", True),
             datastore_changes=_bool(conf, "datastore_changes", False),
+            background_scoring=_bool(conf, "background_scoring", True),
             precision=_choice(conf, "precision", ("fp32", "bf16", "fp16")),
             categories=_categories(conf),
             auto_labels=labels,

@@ -6,7 +6,8 @@ memory: which annotator holds which image (``leases``), what SegVol served (``re
 their ``masks``, to tell AUTOMATIC from SEMIAUTOMATIC from MANUAL when a label is saved) and
 every label saved (``saves``, the history; ``save_claims`` while one is being stored) and each
 annotator's unsaved work (``autosaves``), and the review of every final label (``reviews`` with
-their ``review_events``; a double reading's voxels in ``readings``, the pair's ``agreements``).
+their ``review_events``; a double reading's voxels in ``readings``, the pair's ``agreements``),
+and each image's uncertainty ``scores`` per model version (lib/activelearning/scorer.py).
 SQLite in WAL mode lets readers go on while one writer commits; every write is one short
 transaction, so a killed process leaves the file whole.
 """
@@ -53,6 +54,9 @@ CREATE INDEX IF NOT EXISTS review_events_by_image ON review_events (image, id);
 CREATE TABLE IF NOT EXISTS readings (
     save INTEGER PRIMARY KEY, image TEXT NOT NULL, client TEXT NOT NULL, shape TEXT NOT NULL,
     spacing TEXT NOT NULL, names TEXT NOT NULL, voxels BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS scores (
+    image TEXT NOT NULL, categories TEXT NOT NULL, model_version TEXT NOT NULL, score REAL NOT NULL,
+    time REAL NOT NULL, seconds REAL NOT NULL, PRIMARY KEY (image, categories, model_version));
 CREATE TABLE IF NOT EXISTS agreements (
     a INTEGER NOT NULL, b INTEGER NOT NULL, image TEXT NOT NULL, time REAL NOT NULL, figures TEXT NOT NULL,
     PRIMARY KEY (a, b));

@@ -82,7 +82,8 @@ def test_a_series_added_is_scored_and_offered_without_a_restart(server, studies)
 
 def test_a_second_process_shares_the_scores_and_does_not_score_again(server, studies, tmp_path):
     first = _until(server, lambda s: s["scored"] == s["unlabelled"])
-    with Server(studies, CONF, tmp_path / "second.log") as second:
+    shared = dict(CONF, versions_dir=str(server.log.parent / "versions"))  # the same served model
+    with Server(studies, shared, tmp_path / "second.log") as second:
         scoring = _scoring(second)
         assert scoring["state"] == "another process scores"
         assert scoring["scored"] == first["scored"] and scoring["passes"] == 0

@@ -8,6 +8,10 @@
   const { catalog } = window.segvolSegments;
   const { box } = window.segvolBox;
   const when = iso => (iso ? iso.slice(11, 16) : '?');
+  // How far the background scorer has come for the served model (lib/activelearning/scorer.py).
+  const scoringLine = sc =>
+    `${sc.scored} of ${sc.unlabelled} unlabelled images scored by the served model` +
+    (sc.state === 'scoring' ? ' (scoring now)' : sc.scored < sc.unlabelled ? ' (the rest: earlier scores or random)' : '');
   function WorkspacePanel() {
     const workspace = window.segvolWorkspace;
     const { createElement: h, useEffect, useState } = ohif.react();
@@ -108,6 +112,7 @@
       boxSection(h, state, button),
       h('hr', { style: { borderColor: '#345', margin: '8px 0' } }),
       row('Model:', s.model_version || '...', 'segvol-model'),
+      s.scoring ? row('Next image:', scoringLine(s.scoring), 'segvol-scoring') : null,
       state.autosaved ? row('Unsaved work:', `autosaved at ${when(state.autosaved)}`, 'segvol-autosaved') : null,
       s.warning ? h('div', { style: { color: '#fc6', fontSize: 11 } }, s.warning) : null,
       s.error ? h('div', { style: { color: '#f88' } }, s.error) : null,

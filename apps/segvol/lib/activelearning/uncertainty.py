@@ -31,6 +31,22 @@ class Uncertainty(Strategy):
         self.unreadable = unreadable
         self.store = store
         self.scores = Scores(store)
+        self._read: dict[tuple, list] = {}  # the scores last read, by what they were read for
+
+    def prepare(self, request: dict, datastore) -> None:
+        """Read the scores before the pick lock (lib/team/leases.py): annotators asking at once
+        then wait on each other only for the choice, not for reading thousands of scores."""
+        self.stored(request)
+
+    def stored(self, request: dict) -> list[tuple[list[str], dict[str, Score]]]:
+        """(categories, image -> newest score) for each category set of the request, read again
+        only when a score was stored since (one cheap query tells)."""
+        version = self.service.version
+        sets = self.category_sets(request)
+        key = (version, tuple(tuple(names) for names in sets), self.scores.generation())
+        if key not in self._read:
+            self._read = {key: [(names, self.scores.newest(names, version)) for names in sets]}
+        return self._read[key]
 
     def category_sets(self, request: dict) -> list[list[str]]:
         """The request's ``labels`` as category names (main.next_sample refused other names), then the team's."""
@@ -48,7 +64,7 @@ class Uncertainty(Strategy):
         if not candidates:
             return None
         version = self.service.version
-        sets = [(names, self.scores.newest(names, version)) for names in self.category_sets(request)]
+        sets = self.stored(request)
         for served in (True, False):  # the served model's scores first, then an earlier model's
             for names, stored in sets:
                 scored = {i: stored[i] for i in candidates if i in stored}

@@ -47,6 +47,11 @@ class Scores:
             ).fetchall()
         return {r["image"]: Score(r["score"], r["model_version"], r["time"]) for r in rows}  # the last row wins
 
+    def generation(self) -> int:
+        """Grows with every score stored (SQLite's rowid of the newest row): whether to read again."""
+        with self.store.connect() as db:
+            return db.execute("SELECT MAX(rowid) FROM scores").fetchone()[0] or 0
+
     def scored(self, categories: list[str], model_version: str) -> set[str]:
         """The images ``model_version`` has scored for ``categories``."""
         with self.store.connect() as db:

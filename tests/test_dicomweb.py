@@ -214,8 +214,14 @@ def test_a_seg_from_another_tool_is_listed_and_opens_on_the_image_grid(server, a
     assert int(dcm.NumberOfFrames) == 5 and int(dcm.Rows) < 512  # cropped, empty slices dropped
     archive.store(dcm)
 
-    history = requests.get(f"{server.url}/segvol/labels", params={"image": image_id}, timeout=60).json()
-    (theirs,) = [h for h in history if h["seg_series"] == str(dcm.SeriesInstanceUID)]
+    def listed() -> list[dict]:  # the server lists the archive's SEGs again in the background
+        history = requests.get(f"{server.url}/segvol/labels", params={"image": image_id}, timeout=60).json()
+        return [h for h in history if h["seg_series"] == str(dcm.SeriesInstanceUID)]
+
+    deadline = time.time() + 30
+    while not listed() and time.time() < deadline:
+        time.sleep(0.3)
+    (theirs,) = listed()
     assert theirs["creator"] == "Other^Tool" and "client" not in theirs  # not saved through this server
     assert theirs["segments"] == [{"name": "spleen", "type": "MANUAL"}, {"name": "mystery blob", "type": "MANUAL"}]
     r = requests.get(

@@ -1,6 +1,7 @@
 """The DICOM SEGs in a DICOMweb archive, image by image, whoever wrote them.
 
-Which SEG series exist is a QIDO query (repeated at most every ``refresh_seconds``); what each
+Which SEG series exist is a QIDO query (repeated in the background at most every
+``refresh_seconds``, lib/archive/relisted.py); what each
 references and when it was made comes from its metadata, fetched once per SEG (a stored SEG never
 changes) and kept on disk beside the datastore, so a restart or a second process does not fetch
 it again. Counting labels needs the QIDO query only; the newest SEG of each image is its label.
@@ -15,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from pydicom import Dataset
+
+from lib.archive.relisted import Relisted
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,7 @@ class SegIndex:
     def __init__(self, client, cache_file: Path, refresh_seconds: float = 60) -> None:
         self.client = client
         self.cache_file = Path(cache_file)
-        self.refresh_seconds = refresh_seconds
-        self._lock = threading.Lock()
-        self._listed: tuple[float, list[ListedSeg]] | None = None  # (when, SEG series)
+        self._listed = Relisted(self._list, refresh_seconds, "SEG series")
         self._known: dict[str, ArchivedSeg] = self._load()
 
     def _load(self) -> dict[str, ArchivedSeg]:
@@ -111,17 +110,16 @@ class SegIndex:
 
     def refresh(self) -> None:
         """Query the archive again at the next question (after a SEG was stored)."""
-        self._listed = None
+        self._listed.invalidate()
+
+    def _list(self) -> list[ListedSeg]:
+        found = self.client.search_for_series(search_filters={"Modality": "SEG"}, fields=["SeriesDescription"])
+        series = [Dataset.from_json(item) for item in found]
+        return [ListedSeg(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), is_draft(ds)) for ds in series]
 
     def listed(self) -> list[ListedSeg]:
-        """Every SEG series, drafts included: QIDO only."""
-        with self._lock:
-            if self._listed is None or time.monotonic() - self._listed[0] > self.refresh_seconds:
-                found = self.client.search_for_series(search_filters={"Modality": "SEG"}, fields=["SeriesDescription"])
-                series = [Dataset.from_json(item) for item in found]
-                listed = [ListedSeg(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), is_draft(ds)) for ds in series]
-                self._listed = (time.monotonic(), listed)
-            return list(self._listed[1])
+        """Every SEG series, drafts included: QIDO only (listed again in the background)."""
+        return list(self._listed())
 
     def segs(self) -> list[ArchivedSeg]:
         """Every SEG with what it references and when it was made (metadata of new ones fetched)."""

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         self.series = SeriesList(self.archive, self.search_filter, refresh_seconds)
         self.seg_index = SegIndex(self.archive, self.root / ".segvol" / "seg-index.json", refresh_seconds)
         self.outbox = Outbox(self.archive, self.root / "pending-seg", on_stored=self.seg_index.refresh)
+        self._fetching: dict[str, threading.Lock] = {}  # image id -> held while its series is fetched
+        self._fetching_lock = threading.Lock()
 
     def _archive_down(self, e: Exception) -> HTTPException:
         return HTTPException(503, f"the DICOMweb archive {self.archive.base_url} does not answer ({e})")
@@ -86,17 +89,21 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
     def get_image_uri(self, image_id: str) -> str:
         """MONAI Label's, but its first call returns the cached NIfTI as well: its converter leaves
         a temporary copy in /tmp and returns that one (removed here). An image not in the cache while
-        the archive does not answer is a 503 saying so. Only a DICOM UID becomes a path."""
+        the archive does not answer is a 503 saying so. Only a DICOM UID becomes a path. One fetch of
+        an image at a time in this process: a second caller would otherwise read its NIfTI half-written."""
         if not SERIES_UID.match(image_id or ""):
             raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
-        try:
-            uri = self.archive_image_uri(image_id)
-        except requests.RequestException as e:
-            raise self._archive_down(e) from e
-        cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
-        if self.converts_to_nifti and uri != cached and os.path.exists(cached):
-            os.unlink(uri)
-            uri = cached
+        with self._fetching_lock:
+            fetching = self._fetching.setdefault(image_id, threading.Lock())
+        with fetching:  # a second caller (the background scorer, another annotator) waits for the whole file
+            try:
+                uri = self.archive_image_uri(image_id)
+            except requests.RequestException as e:
+                raise self._archive_down(e) from e
+            cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+            if self.converts_to_nifti and uri != cached and os.path.exists(cached):
+                os.unlink(uri)
+                uri = cached
         return self._inside(uri)
 
     def release(self, image_id: str) -> None:

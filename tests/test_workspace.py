@@ -206,3 +206,28 @@ def test_the_team_store_keeps_a_bounded_number_of_autosaves(tmp_path):
     for n in range(5):
         autosaves.put("img", f"client{n}", b"\x00" * 8, (2, 2, 2), [], None)
     assert [autosaves.get("img", f"client{n}") is not None for n in range(5)] == [False, False, True, True, True]
+
+
+def test_a_claim_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
+    """A process killed mid-save leaves its claim on the image: the next save of the image does not
+    wait the minutes a claim may last, since the claim names a process that is gone."""
+    import subprocess
+    import sys
+    import time
+
+    store = TeamStore(tmp_path / "team.sqlite")
+    saves = FinalSaves(store)
+    code = (
+        "import sys; sys.path.insert(0, 'apps/segvol');"
+        "from lib.team.store import TeamStore; from lib.team.conflicts import FinalSaves;"
+        f"g = FinalSaves(TeamStore({str(tmp_path / 'team.sqlite')!r})).guard('img', 'ada', None, False);"
+        "g.__enter__(); print('claimed', flush=True); import time; time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "claimed"
+    holder.kill()  # killed mid-save; not reaped yet: a zombie
+    t0 = time.perf_counter()
+    with saves.guard("img", "grace", None, False):
+        waited = time.perf_counter() - t0
+    holder.wait()
+    assert waited < 5, waited

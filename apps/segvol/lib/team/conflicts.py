@@ -8,15 +8,19 @@ anyway (``force``): the annotator decides, having been told. A client that names
 
 From the check to the record of a save, the image is claimed in the team store: a second save
 of the image, in any process, waits until the first is recorded and is then checked against it.
-A claim older than ``CLAIM_SECONDS`` belongs to a process that died mid-save and is taken over.
+A claim whose process is gone (killed mid-save: the claim names its host and process id) or
+older than ``CLAIM_SECONDS`` (a process on another host) is taken over.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from lib.team.store import TeamStore
 
@@ -67,7 +71,7 @@ class FinalSaves:
         """Claims the image for this save (waiting while another save of it is being stored), then
         checks ``base`` against the newest final label but those in ``ignore`` (another annotator's
         double reading): ConflictError when another client's newer label exists."""
-        token = uuid.uuid4().hex
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         deadline = self.clock() + WAIT_SECONDS
         while not self._claim(image, client, token, base, force, ignore):
             if self.clock() > deadline:
@@ -83,8 +87,8 @@ class FinalSaves:
         """True once the image is claimed for this save; False while another save holds it."""
         with self.store.connect(write=True) as db:
             now = self.clock()
-            claim = db.execute("SELECT since FROM save_claims WHERE image = ?", (image,)).fetchone()
-            if claim is not None and now - claim["since"] < CLAIM_SECONDS:
+            claim = db.execute("SELECT token, since FROM save_claims WHERE image = ?", (image,)).fetchone()
+            if claim is not None and now - claim["since"] < CLAIM_SECONDS and _alive(claim["token"]):
                 return False
             if base is not None and not force:
                 newest = _newest(db, image, ignore)
@@ -96,6 +100,25 @@ class FinalSaves:
                         newest,
                     )
             db.execute("INSERT OR REPLACE INTO save_claims VALUES (?, ?, ?)", (image, token, now))
+        return True
+
+
+def _alive(token: str) -> bool:
+    """Whether the process that made a claim may still be saving: always, unless it ran on this
+    host and is gone."""
+    host, _, rest = token.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:  # killed but not yet reaped by its parent (a zombie) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 

@@ -96,7 +96,8 @@ class Team:
         client, version = info["client"], info["version"]
         review_of = info.get("review_of")
         reading = review_of is None and self.double.is_reading(image_id, client)
-        lease = next((x for x in self.leases.active() if x.image == image_id and x.client == client), None)
+        lease = self.leases.held_by(client)  # a client holds one lease at most
+        lease = lease if lease is not None and lease.image == image_id else None
         if reading:
             self.leases.give_back(image_id, client)
         else:

@@ -9,7 +9,8 @@ Measured, in this order: filling Orthanc (instances/s); the server's start-up to
 memory (RSS) then and after the first full listing; /info and /datastore latency (p50, p95 of
 20 calls); Next image p50 / p95 with ``--annotators`` threads asking at once while a client
 prompts (text prompts on random images); how long until ``--new`` series added to the archive are
-listed, and the server's CPU seconds per minute while idle (its archive refreshes); the background
+listed, what a full listing and a refresh (nothing new; ``--new`` new series) cost, and the
+server's CPU seconds per minute while scoring and refreshing; the background
 scorer's rate on these small series. ``--full-size``: one full-size ViT-B scoring pass on a
 realistic CT on this machine, and the time every image would then need to be scored.
 """
@@ -17,7 +18,6 @@ realistic CT on this machine, and the time every image would then need to be sco
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
 import socket
@@ -32,73 +32,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+from synthetic_series import ct_series, seg_of  # noqa: E402
+
 import orthanc  # noqa: E402
 from replicas import server_command, wait_healthy  # noqa: E402
-
-SIZE = 16  # pixels a side of the synthetic slices: the archive's size is the point, not the image's
-
-
-def _file(ds: Dataset, sop_class: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
-    buf = io.BytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    out.save_as(buf, write_like_original=False)
-    return buf.getvalue()
-
-
-def ct_series(n: int, slices: int = 2) -> tuple[str, str, list[bytes]]:
-    """A tiny CT series of its own study: (study, series, files)."""
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    rng = np.random.default_rng(n)
-    files = []
-    for k in range(slices):
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientID, ds.PatientName = "CT", f"BENCH{n:05d}", f"Bench^{n:05d}"
-        ds.StudyDate, ds.SeriesDate, ds.SeriesNumber, ds.InstanceNumber = "20260101", "20260101", 1, k + 1
-        ds.SeriesDescription = f"bench {n}"
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 5.0 * k], [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [2.0, 2.0], 5.0
-        ds.Rows = ds.Columns = SIZE
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = rng.integers(-1000, 300, (SIZE, SIZE), dtype=np.int16).tobytes()
-        files.append(_file(ds, CTImageStorage))
-    return study, series, files
-
-
-def seg_of(study: str, series: str, n: int) -> bytes:
-    """A SEG referencing the series: what the server's index reads of it (its metadata) is real."""
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = SegmentationStorage, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
-    ds.Modality, ds.PatientID = "SEG", f"BENCH{n:05d}"
-    ds.SeriesDate, ds.SeriesNumber = "20260102", 100
-    ds.SeriesTime = f"{n // 3600 % 24:02d}{n // 60 % 60:02d}{n % 60:02d}"
-    ds.SeriesDescription, ds.ContentCreatorName = "bench SegVol", "Bench^Annotator"
-    ref = Dataset()
-    ref.SeriesInstanceUID = series
-    ds.ReferencedSeriesSequence = [ref]
-    segment = Dataset()
-    segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType = 1, "liver", "MANUAL"
-    ds.SegmentSequence = [segment]
-    ds.Rows = ds.Columns = SIZE
-    ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
-    ds.PixelData = b"\xff" * (SIZE * SIZE // 8)
-    return _file(ds, SegmentationStorage)
 
 
 def fill(port: int, start: int, count: int, segs: int, workers: int = 8) -> tuple[list[str], float, int]:
@@ -260,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{rate:.0f} images/min, {s1['scored']} of {s1['unlabelled']} so far",
         )
 
-        one = refresh_seconds(port)
-        row("one archive refresh (QIDO: every CT series and every SEG)", f"{one:.2f} s")
-        row(f"refresh cost at archive_refresh_seconds {a.refresh:.0f}", f"{one * 60 / a.refresh:.2f} s per minute")
-
+        listing = ArchiveListing(port)
+        row("a full listing (paged QIDO: every CT series and every SEG)", f"{listing.full:.2f} s")
+        idle = listing.update()
+        row("a refresh with nothing new (Orthanc: its series ids)", f"{idle * 1000:.0f} ms")
         before = get("/datastore/", output="stats").json()["total"]
         fill(port, a.series, a.new, 0)
+        added = listing.update()
+        row(f"a refresh finding {a.new} new series (each looked up)", f"{added * 1000:.0f} ms")
+        row(
+            f"refresh cost at archive_refresh_seconds {a.refresh:.0f}, {a.new} new series a minute",
+            f"{idle * (60 / a.refresh - 1) + added:.2f} s per minute",
+        )
         t0 = time.perf_counter()
         while get("/datastore/", output="stats").json()["total"] < before + a.new:
             time.sleep(0.5)
@@ -287,22 +234,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def refresh_seconds(port: int, times: int = 3) -> float:
-    """What one refresh of the server's listing costs: its two QIDO queries, parsed as it parses them."""
-    sys.path.insert(0, str(ROOT / "apps" / "segvol"))
-    from dicomweb_client.api import DICOMwebClient
+class ArchiveListing:
+    """The server's listing of the archive, by itself: what a full listing and a refresh cost."""
 
-    from lib.archive.index import SegIndex
-    from lib.archive.series import SeriesList
+    def __init__(self, port: int) -> None:
+        sys.path.insert(0, str(ROOT / "apps" / "segvol"))
+        from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(f"http://127.0.0.1:{port}/dicom-web")
-    work = Path(tempfile.mkdtemp(prefix="segvol-bench-index-"))
+        from lib.archive.listing import ArchiveListing as Listing
 
-    def refresh() -> None:
-        SeriesList(client, {"Modality": "CT"}, 0)()
-        SegIndex(client, work / "index.json", 0).listed()
+        self.listing = Listing(DICOMwebClient(f"http://127.0.0.1:{port}/dicom-web"), {"Modality": "CT"}, 3600)
+        self.full = timed(self.listing.images, 1)[0]
 
-    return p(timed(refresh, times), 50)
+    def update(self) -> float:
+        """Seconds to bring the listing up to date (incremental on Orthanc)."""
+
+        def refresh() -> None:
+            self.listing.invalidate()
+            self.listing.images()
+
+        return timed(refresh, 1)[0]
 
 
 def full_size_pass(images: int) -> str:

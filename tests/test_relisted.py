@@ -73,3 +73,26 @@ def test_invalidate_lists_on_the_spot():
     assert listed() == ["a"]  # fresh enough: not listed again
     listed.invalidate()
     assert listed() == ["a", "b"]
+
+
+def test_after_the_first_list_only_what_changed_is_asked_for():
+    archive = Archive()
+    updates: list[list[str]] = []
+
+    def update(last: list[str]) -> list[str]:
+        updates.append(last)
+        if archive.down:
+            raise ConnectionError("refused")
+        return last + ["new"]
+
+    listed = Relisted(archive.list_all, refresh_seconds=3600, what="series", update=update)
+    assert listed() == ["a"]
+    listed.invalidate()  # this server stored something: brought up to date on the spot
+    assert listed() == ["a", "new"] and updates == [["a"]] and archive.calls == 1
+    archive.down = True
+    listed.invalidate()
+    with pytest.raises(ConnectionError):
+        listed()
+    archive.down = False
+    assert listed() == ["a", "new", "new"]  # still stale after the failure: asked again
+    assert archive.calls == 1  # never listed in full again

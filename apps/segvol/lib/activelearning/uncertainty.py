@@ -10,6 +10,7 @@ scores, else for the team's categories. The answer says which (``scored_by``).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 
@@ -22,6 +23,7 @@ from lib.team.store import TeamStore
 from lib.team.unreadable import Unreadable
 
 log = logging.getLogger(__name__)
+SHOWN = 20  # least certain images listed in an answer
 
 
 class Uncertainty(Strategy):
@@ -78,17 +80,16 @@ class Uncertainty(Strategy):
 
     @staticmethod
     def _pick(scored: dict[str, Score], names: list[str], version: str, total: int) -> dict:
-        best = max(scored, key=lambda i: scored[i].value)
+        """The least certain image; the answer lists the ``SHOWN`` least certain with their scores
+        (all of them would be megabytes on a big archive, for every Next image)."""
+        top = heapq.nlargest(SHOWN, scored, key=lambda i: scored[i].value)
+        best = top[0]
         older = sorted({s.model_version for s in scored.values()} - {version})
-        log.info(
-            "uncertainty over %s: %s",
-            ", ".join(names),
-            ", ".join(f"{i}={s.value:.3f}" for i, s in sorted(scored.items(), key=lambda x: -x[1].value)[:5]),
-        )
+        log.info("uncertainty over %s: %s", ", ".join(names), ", ".join(f"{i}={scored[i].value:.3f}" for i in top[:5]))
         return {
             "id": best,
             "weight": scored[best].value,
-            "uncertainty": {i: s.value for i, s in scored.items()},
+            "uncertainty": {i: scored[i].value for i in top},
             "categories": names,
             "scored_by": {
                 "model_version": scored[best].model_version,

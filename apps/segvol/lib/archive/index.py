@@ -1,10 +1,11 @@
 """The DICOM SEGs in a DICOMweb archive, image by image, whoever wrote them.
 
-Which SEG series exist is a QIDO query (repeated in the background at most every
-``refresh_seconds``, lib/archive/relisted.py); what each
+Which SEG series exist comes from the archive's listing (lib/archive/listing.py, brought up to date
+in the background); what each
 references and when it was made comes from its metadata, fetched once per SEG (a stored SEG never
 changes) and kept on disk beside the datastore, so a restart or a second process does not fetch
-it again. Counting labels needs the QIDO query only; the newest SEG of each image is its label.
+it again; the metadata of many new SEGs (a first start on a big archive) is fetched several at a
+time. Counting labels needs the listing only; the newest SEG of each image is its label.
 
 A draft (``python apps/segvol preannotate``) is a SEG too, marked by its SeriesDescription, which
 QIDO returns: it is listed with the image's SEGs (to open and correct) but is never its label, so
@@ -16,22 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from pydicom import Dataset
 
-from lib.archive.relisted import Relisted
-
 log = logging.getLogger(__name__)
 
 DRAFT_PREFIX = "DRAFT "  # a draft SEG's SeriesDescription starts with it (a final one with its creator's name)
 
 
-def is_draft(series: Dataset) -> bool:
-    """A pre-annotation draft, from its series attributes (a QIDO answer or the SEG's metadata)."""
+def is_draft(series: Dataset | dict) -> bool:
+    """A pre-annotation draft, from its series attributes (a QIDO answer, the SEG's metadata, or
+    Orthanc's main tags of the series)."""
     return str(series.get("SeriesDescription", "") or "").startswith(DRAFT_PREFIX)
 
 
@@ -88,12 +91,21 @@ def describe(uid: str, study: str, meta: Dataset) -> ArchivedSeg:
     )
 
 
+FETCHERS = 8  # SEG metadata questions in flight at once
+
+
 class SegIndex:
-    def __init__(self, client, cache_file: Path, refresh_seconds: float = 60) -> None:
+    def __init__(
+        self, client, cache_file: Path, listed: Callable[[], list[ListedSeg]], relist: Callable[[], None]
+    ) -> None:
+        """``listed``: the archive's SEG series now (lib/archive/listing.py); ``relist``: list them
+        again at the next question."""
         self.client = client
         self.cache_file = Path(cache_file)
-        self._listed = Relisted(self._list, refresh_seconds, "SEG series")
+        self.listed = listed
+        self.refresh = relist
         self._known: dict[str, ArchivedSeg] = self._load()
+        self._fetching = threading.Lock()  # one fetch of new SEGs' metadata at a time; ``_known`` changes under it
 
     def _load(self) -> dict[str, ArchivedSeg]:
         try:
@@ -108,36 +120,26 @@ class SegIndex:
         tmp.write_text(json.dumps([asdict(s) for s in self._known.values()]))
         os.replace(tmp, self.cache_file)
 
-    def refresh(self) -> None:
-        """Query the archive again at the next question (after a SEG was stored)."""
-        self._listed.invalidate()
-
-    def _list(self) -> list[ListedSeg]:
-        found = self.client.search_for_series(search_filters={"Modality": "SEG"}, fields=["SeriesDescription"])
-        series = [Dataset.from_json(item) for item in found]
-        return [ListedSeg(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), is_draft(ds)) for ds in series]
-
-    def listed(self) -> list[ListedSeg]:
-        """Every SEG series, drafts included: QIDO only (listed again in the background)."""
-        return list(self._listed())
-
     def segs(self) -> list[ArchivedSeg]:
         """Every SEG with what it references and when it was made (metadata of new ones fetched)."""
-        out, fetched = [], False
-        for study, uid, _ in self.listed():
-            seg = self._known.get(uid)
-            if seg is None:
-                try:
-                    meta = Dataset.from_json(self.client.retrieve_series_metadata(study, uid)[0])
-                except Exception as e:  # an archive that lists a series it cannot describe: skip it
-                    log.warning("SEG series %s: no metadata (%s); skipped", uid, e)
-                    continue
-                seg = self._known[uid] = describe(uid, study, meta)
-                fetched = True
-            out.append(seg)
-        if fetched:
-            self._save()
-        return out
+        listed = self.listed()
+        if any(seg.uid not in self._known for seg in listed):
+            with self._fetching:
+                new = [seg for seg in listed if seg.uid not in self._known]
+                if new:
+                    with ThreadPoolExecutor(min(FETCHERS, len(new)), thread_name_prefix="segvol-seg-meta") as pool:
+                        described = list(pool.map(self._describe, new))
+                    self._known.update((seg.uid, seg) for seg in described if seg is not None)
+                    self._save()
+        return [self._known[seg.uid] for seg in listed if seg.uid in self._known]
+
+    def _describe(self, listed: ListedSeg) -> ArchivedSeg | None:
+        try:
+            meta = Dataset.from_json(self.client.retrieve_series_metadata(listed.study, listed.uid)[0])
+        except Exception as e:  # an archive that lists a series it cannot describe: skip it
+            log.warning("SEG series %s: no metadata (%s); skipped", listed.uid, e)
+            return None
+        return describe(listed.uid, listed.study, meta)
 
     def of_image(self, image: str) -> list[ArchivedSeg]:
         """The SEGs referencing ``image``, newest first."""

@@ -1,4 +1,4 @@
-"""A DICOMweb archive (Orthanc): images are its CT series (lib/archive/series.py). An image's
+"""A DICOMweb archive (Orthanc): images are its CT series (lib/archive/listing.py). An image's
 final label is its newest SEG in the archive, whoever wrote it (lib/archive/index.py), read onto
 the image's grid once per SEG. A final label saved here becomes
 a SEG referencing the CT series, sent through the outbox (lib/archive/outbox.py): when the archive
@@ -22,9 +22,9 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 
 from lib.archive.index import SegIndex
+from lib.archive.listing import ArchiveListing
 from lib.archive.outbox import ArchiveRefused, ArchiveUnreachable, Outbox
 from lib.archive.seg import SegError, Segment, read_seg, write_seg
-from lib.archive.series import SeriesList
 from lib.compat.datastore import ArchiveAccess
 from lib.datastores.checked import CheckedLabels
 from lib.labels.checks import LabelPart
@@ -42,8 +42,9 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
     def __init__(self, *args, refresh_seconds: float = 60, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.quiet()
-        self.series = SeriesList(self.archive, self.search_filter, refresh_seconds)
-        self.seg_index = SegIndex(self.archive, self.root / ".segvol" / "seg-index.json", refresh_seconds)
+        self.listing = ArchiveListing(self.archive, self.search_filter, refresh_seconds)
+        cache = self.root / ".segvol" / "seg-index.json"
+        self.seg_index = SegIndex(self.archive, cache, self.listing.segs, self.listing.invalidate)
         self.outbox = Outbox(self.archive, self.root / "pending-seg", on_stored=self.seg_index.refresh)
         self._fetching: dict[str, threading.Lock] = {}  # image id -> held while its series is fetched
         self._fetching_lock = threading.Lock()
@@ -59,9 +60,9 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
             raise self._archive_down(e) from e
 
     def list_images(self) -> list[str]:
-        """The archive's CT series (lib/archive/series.py); a 503 before the archive ever answered."""
+        """The archive's CT series (lib/archive/listing.py); a 503 before the archive ever answered."""
         try:
-            return self.series()
+            return self.listing.images()
         except ArchiveUnreachable as e:
             raise self._archive_down(e.__cause__ or e) from e
 

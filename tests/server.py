@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 from replicas import server_command  # noqa: E402
 
 
+def until(check, timeout: float = 5) -> None:
+    """Poll ``check`` until it holds (no fixed sleep); fail when it has not after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.01)
+    assert check()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

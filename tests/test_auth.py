@@ -20,7 +20,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from server import Server, free_port
+from server import Server, free_port, until
 from team import CONF, IMAGES, studies
 
 pytestmark = pytest.mark.server
@@ -142,8 +142,10 @@ def test_roles_decide_who_changes_the_datastore_and_starts_rounds(signed_in):
     assert r.status_code == 403, r.text  # no role at all: not even an annotator
     r = requests.post(f"{srv.url}/activelearning/first", json={"client_id": "root"}, headers=annotator, timeout=30)
     assert r.status_code == 200 and r.json()["lease"]["client"] == "grace", r.text
-    index = json.loads((srv.studies / "datastore_v2.json").read_text())  # MONAI Label records who asked
-    assert index["objects"][r.json()["id"]]["image"]["info"]["strategy"]["first"]["client_id"] == "grace"
+    assert r.json()["strategy"]["first"]["client_id"] == "grace"
+    index = lambda: json.loads((srv.studies / "datastore_v2.json").read_text())  # noqa: E731
+    stamp = lambda: index()["objects"][r.json()["id"]]["image"]["info"].get("strategy", {})  # noqa: E731
+    until(lambda: stamp().get("first", {}).get("client_id") == "grace")  # MONAI Label's record of who asked
     r = requests.put(
         f"{srv.url}/datastore/image", params={"image": "new1"}, files={"file": ("ct.nii", ct)}, headers=admin
     )

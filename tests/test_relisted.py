@@ -10,6 +10,7 @@ import time
 import pytest
 
 from lib.archive.relisted import Relisted
+from server import until
 
 
 class Archive:
@@ -28,13 +29,6 @@ class Archive:
         return list(self.series)
 
 
-def _until(check, timeout: float = 5) -> None:
-    deadline = time.time() + timeout
-    while not check() and time.time() < deadline:
-        time.sleep(0.01)
-    assert check()
-
-
 def test_an_old_list_is_answered_at_once_while_one_thread_lists_again():
     archive = Archive()
     listed = Relisted(archive.list_all, refresh_seconds=0.05, what="series")
@@ -47,7 +41,7 @@ def test_an_old_list_is_answered_at_once_while_one_thread_lists_again():
     assert time.perf_counter() - t0 < 0.5 and answers == [["a"]] * 5  # nobody waits for the slow listing
     assert archive.calls == 2  # one background listing, not one per question
     archive.gate.set()
-    _until(lambda: listed() == ["a", "b"])
+    until(lambda: listed() == ["a", "b"])
 
 
 def test_the_archive_down_leaves_the_last_list_and_the_first_list_fails_loudly():
@@ -61,7 +55,7 @@ def test_the_archive_down_leaves_the_last_list_and_the_first_list_fails_loudly()
     archive.down = True
     time.sleep(0.02)
     assert listed() == ["a"]
-    _until(lambda: archive.calls >= 3)
+    until(lambda: archive.calls >= 3)
     assert listed() == ["a"]
 
 

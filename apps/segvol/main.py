@@ -19,6 +19,7 @@ from lib.activelearning.random_strategy import RandomStrategy
 from lib.activelearning.scorer import BackgroundScorer
 from lib.activelearning.uncertainty import Uncertainty
 from lib.compat.app import AppAccess
+from lib.compat.stamps import StampWriter
 from lib.configs.segvol import SegVolTaskConfig
 from lib.datastores import open_datastore, studies_of
 from lib.rounds.schedule import RoundSchedule
@@ -78,6 +79,24 @@ class SegVolApp(AppAccess, MONAILabelApp):
             "random": RandomStrategy(),
             "first": First(),
         }
+
+    @cached_property
+    def stamps(self) -> StampWriter:
+        return StampWriter(self.datastore)
+
+    def sample(self, strategy: str, params: dict, user: str | None) -> dict:
+        """MONAI Label's /activelearning answer (its endpoints/activelearning.py ``sample``): the
+        pick with the image's info, the strategy stamped on it. Unlike there, the app's whole
+        info() is not computed for each pick, the stamp is written in the background
+        (lib/compat/stamps.py), and the answer is not logged whole (next_sample logs the pick)."""
+        result = self.next_sample({**params, "strategy": strategy})
+        if not result:
+            return {}
+        info = self.datastore().get_image_info(result["id"])
+        stamp = dict(info.get("strategy") or {})
+        stamp[strategy] = {"ts": int(time.time()), "client_id": params.get("client_id", user)}
+        self.stamps.put(result["id"], {"strategy": stamp})
+        return {**result, **info, "strategy": stamp}
 
     def next_sample(self, request: dict) -> dict:
         """The strategy's pick among the images no other annotator holds, leased to the asking

@@ -30,7 +30,6 @@ from fastapi.security import OAuth2PasswordRequestForm
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints import batch_infer, train
-from monailabel.endpoints.activelearning import sample
 from monailabel.endpoints.infer import ResultType, run_inference
 from monailabel.endpoints.logs import get_logs
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
@@ -250,7 +249,7 @@ def next_image(strategy: str, user: Annotator, params: dict | None = None) -> di
     the app's leases; when nothing is left, a message that says so."""
     _bounded(params)
     asked = dict(params or {}, client_id=who((params or {}).get("client_id")))  # what MONAI Label records
-    return sample(strategy, asked, user.username) or {"message": NOTHING_LEFT}
+    return app_instance().sample(strategy, asked, user.username) or {"message": NOTHING_LEFT}
 
 
 @app.post("/infer/{model}", summary="Run inference (params: a JSON object)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
+import threading
 
 from monailabel.interfaces.tasks.strategy import Strategy
 
@@ -34,25 +35,38 @@ class Uncertainty(Strategy):
         self.store = store
         self.scores = Scores(store)
         self._read: dict[tuple, list] = {}  # the scores last read, by what they were read for
+        self._team: tuple[int, list[str]] = (-1, [])  # (saves generation, the team's categories then)
+        self._prepared = threading.local()  # (request, what prepare read for it), per request thread
 
     def prepare(self, request: dict, datastore) -> None:
         """Read the scores before the pick lock (lib/team/leases.py): annotators asking at once
-        then wait on each other only for the choice, not for reading thousands of scores."""
-        self.stored(request)
+        then wait on each other only for the choice, not for reading thousands of scores (nor
+        for asking whether there are new ones)."""
+        self._prepared.read = (request, self.stored(request))
 
     def stored(self, request: dict) -> list[tuple[list[str], dict[str, Score]]]:
         """(categories, image -> newest score) for each category set of the request, read again
         only when a score was stored since (one cheap query tells)."""
         version = self.service.version
-        sets = self.category_sets(request)
-        key = (version, tuple(tuple(names) for names in sets), self.scores.generation())
+        scores, saves = self.generations()
+        sets = self.category_sets(request, saves)
+        key = (version, tuple(tuple(names) for names in sets), scores)
         if key not in self._read:
             self._read = {key: [(names, self.scores.newest(names, version)) for names in sets]}
         return self._read[key]
 
-    def category_sets(self, request: dict) -> list[list[str]]:
-        """The request's ``labels`` as category names (main.next_sample refused other names), then the team's."""
-        team = team_categories(self.store, self.service.settings.auto_labels)
+    def generations(self) -> tuple[int, int]:
+        """How many scores and saves the team store has had: one query says whether to read again."""
+        with self.store.connect() as db:
+            row = db.execute("SELECT (SELECT MAX(rowid) FROM scores), (SELECT MAX(rowid) FROM saves)").fetchone()
+        return row[0] or 0, row[1] or 0
+
+    def category_sets(self, request: dict, saves: int) -> list[list[str]]:
+        """The request's ``labels`` as category names (main.next_sample refused other names), then
+        the team's (read again when a label was saved since: ``saves``)."""
+        if saves != self._team[0]:
+            self._team = (saves, team_categories(self.store, self.service.settings.auto_labels))
+        team = self._team[1]
         asked = request.get("labels")
         if isinstance(asked, list) and asked:
             vocab = self.service.vocabulary
@@ -66,7 +80,8 @@ class Uncertainty(Strategy):
         if not candidates:
             return None
         version = self.service.version
-        sets = self.stored(request)
+        prepared = getattr(self._prepared, "read", None)
+        sets = prepared[1] if prepared and prepared[0] is request else self.stored(request)
         for served in (True, False):  # the served model's scores first, then an earlier model's
             for names, stored in sets:
                 scored = {i: stored[i] for i in candidates if i in stored}

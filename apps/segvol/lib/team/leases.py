@@ -50,13 +50,14 @@ class Leases:
             rows = db.execute("SELECT * FROM leases WHERE until > ? ORDER BY granted", (self.clock(),)).fetchall()
         return [Lease(r["image"], r["client"], r["granted"], r["until"]) for r in rows]
 
-    def held_by(self, client: str) -> Lease | None:
-        return next((lease for lease in self.active() if lease.client == client), None)
+    def held_by(self, client: str, active: list[Lease] | None = None) -> Lease | None:
+        """``client``'s lease, among ``active`` where the caller has just read them."""
+        return next((lease for lease in (self.active() if active is None else active) if lease.client == client), None)
 
-    def of_others(self, client: str) -> dict[str, list[Lease]]:
+    def of_others(self, client: str, active: list[Lease] | None = None) -> dict[str, list[Lease]]:
         """Image -> the unexpired leases other clients hold on it."""
         out: dict[str, list[Lease]] = {}
-        for lease in self.active():
+        for lease in self.active() if active is None else active:
             if lease.client != client:
                 out.setdefault(lease.image, []).append(lease)
         return out
@@ -113,8 +114,9 @@ class Leases:
 
     def _pick(self, client: str, strategy: Callable, request: dict, datastore, seats) -> tuple[dict | None, str | None]:
         with self.picking():
-            taken = {i: held for i, held in self.of_others(client).items() if len(held) >= seats(i, client)}
-            mine = self.held_by(client)
+            active = self.active()  # one read of the leases for the whole choice
+            taken = {i: held for i, held in self.of_others(client, active).items() if len(held) >= seats(i, client)}
+            mine = self.held_by(client, active)
             note = None
             result = strategy(request, WithoutImages(datastore, set(taken) | ({mine.image} if mine else set())))
             if not _picked(result) and mine:  # the image this client holds is the only one left to it

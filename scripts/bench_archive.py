@@ -7,8 +7,9 @@ synthetic CT series and SEGs, one server on it, and a table of what an annotator
 
 Measured, in this order: filling Orthanc (instances/s); the server's start-up to ready and its
 memory (RSS) then and after the first full listing; /info and /datastore latency (p50, p95 of
-20 calls); Next image p50 / p95 with ``--annotators`` threads asking at once while a client
-prompts (text prompts on random images); how long until ``--new`` series added to the archive are
+20 calls); Next image p50 / p95 while a client prompts (text prompts on random images), first
+with ``--annotators`` threads asking at the same moment once a second, then with each asking
+again as soon as answered (a stress test: there latency is set by throughput); how long until ``--new`` series added to the archive are
 listed, what a full listing and a refresh (nothing new; ``--new`` new series) cost, and the
 server's CPU seconds per minute while scoring and refreshing; the background
 scorer's rate on these small series. ``--full-size``: one full-size ViT-B scoring pass on a
@@ -154,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         prompts: list[float] = []
         failures: list[str] = []
 
+        def ask(n: int) -> float:
+            t = time.perf_counter()
+            r = requests.post(f"{url}/activelearning/uncertainty", json={"client_id": f"ann{n}"}, timeout=120)
+            if r.status_code != 200:
+                failures.append(f"next {r.status_code}")
+            return time.perf_counter() - t
+
         def annotator(n: int) -> None:
             while not stop.is_set():
-                t = time.perf_counter()
-                r = requests.post(f"{url}/activelearning/uncertainty", json={"client_id": f"ann{n}"}, timeout=120)
-                latencies.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    failures.append(f"next {r.status_code}")
+                latencies.append(ask(n))
 
         def prompter() -> None:
             while not stop.is_set():
@@ -175,16 +179,29 @@ def main(argv: list[str] | None = None) -> int:
                 if r.status_code != 200:
                     failures.append(f"prompt {r.status_code}")
 
+        prompting = threading.Thread(target=prompter)
+        prompting.start()
+        bursts: list[float] = []
+        deadline = time.perf_counter() + a.seconds
+        with ThreadPoolExecutor(a.annotators) as pool:
+            while time.perf_counter() < deadline:  # every annotator clicks Next image at the same moment
+                bursts += pool.map(ask, range(a.annotators))
+                time.sleep(1)
+        row(
+            f"Next image p50 / p95, {a.annotators} annotators asking at the same moment, every second, "
+            "while prompts run",
+            f"{p(bursts, 50) * 1000:.0f} / {p(bursts, 95) * 1000:.0f} ms ({len(bursts)} answers)",
+        )
         threads = [threading.Thread(target=annotator, args=(n,)) for n in range(a.annotators)]
-        threads.append(threading.Thread(target=prompter))
         for t in threads:
             t.start()
         time.sleep(a.seconds)
         stop.set()
-        for t in threads:
+        for t in threads + [prompting]:
             t.join()
         row(
-            f"Next image p50 / p95, {a.annotators} annotators at once while prompts run",
+            f"Next image p50 / p95, {a.annotators} annotators asking again as soon as answered (stress), "
+            "while prompts run",
             f"{p(latencies, 50) * 1000:.0f} / {p(latencies, 95) * 1000:.0f} ms ({len(latencies)} answers)",
         )
         row("prompts meanwhile: p50 / p95", f"{p(prompts, 50):.2f} / {p(prompts, 95):.2f} s ({len(prompts)})")

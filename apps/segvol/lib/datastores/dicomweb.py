@@ -79,6 +79,12 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         images = set(self.list_images())
         return sorted(i for i in self._asking(self.seg_index.newest) if i in images)
 
+    def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """The CT series without a final label, sorted (MONAI Label's also logs every labelled
+        series UID, on each call: megabytes of log an hour on a big archive)."""
+        labelled = self._asking(self.seg_index.newest)
+        return sorted(i for i in self.list_images() if i not in labelled)
+
     def label_keys(self) -> set[str]:
         """Every SEG series in the archive but the drafts (QIDO only, nothing downloaded)."""
         return {seg.uid for seg in self._asking(self.seg_index.listed) if not seg.draft}
@@ -97,11 +103,13 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         with self._fetching_lock:
             fetching = self._fetching.setdefault(image_id, threading.Lock())
         with fetching:  # a second caller (the background scorer, another annotator) waits for the whole file
+            cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+            if self.converts_to_nifti and os.path.exists(cached):  # fetched before: nothing to ask the archive
+                return self._inside(cached)
             try:
                 uri = self.archive_image_uri(image_id)
             except requests.RequestException as e:
                 raise self._archive_down(e) from e
-            cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
             if self.converts_to_nifti and uri != cached and os.path.exists(cached):
                 os.unlink(uri)
                 uri = cached

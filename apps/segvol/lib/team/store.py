@@ -14,7 +14,9 @@ transaction, so a killed process leaves the file whole.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,22 +66,36 @@ CREATE TABLE IF NOT EXISTS agreements (
 
 
 class TeamStore:
-    """One SQLite file; a connection per call, so any thread or process may use it."""
+    """One SQLite file that any thread or process may use. Each thread keeps its connection: opening
+    one per call, with the last one closing checkpointing and deleting the WAL each time, was most
+    of what a Next image cost under load (measured with py-spy, docs/scaling.md)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()  # this thread's connection, and whether it is in use
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
 
-    @contextmanager
-    def connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection; with ``write``, one transaction that takes the write lock at once
-        (BEGIN IMMEDIATE), so a read-then-write is never interleaved with another writer."""
+    def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    @contextmanager
+    def connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection; with ``write``, one transaction that takes the write lock at once
+        (BEGIN IMMEDIATE), so a read-then-write is never interleaved with another writer. A call
+        made while this thread's connection is in use (nested) gets a connection of its own, as
+        every call used to."""
+        local = self._local
+        kept = getattr(local, "db", None) if getattr(local, "pid", None) == os.getpid() else None
+        nested = getattr(local, "busy", False) and kept is not None
+        db = self._open() if nested or kept is None else kept
+        if not nested:
+            local.db, local.pid, local.busy = db, os.getpid(), True
         try:
             if write:
                 db.execute("BEGIN IMMEDIATE")
@@ -91,4 +107,7 @@ class TeamStore:
                 db.execute("ROLLBACK")
             raise
         finally:
-            db.close()
+            if nested:
+                db.close()
+            else:
+                local.busy = False

@@ -18,8 +18,9 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from synthetic_series import ct_series
 
-from archive import Archive, dciodvfy_errors, dicomweb_server, foreign_seg, save_liver
+from archive import PASSWORD, USER, Archive, dciodvfy_errors, dicomweb_server, foreign_seg, save_liver
 from conftest import ROOT
 from lib.archive.seg import short_version
 
@@ -398,3 +399,21 @@ def test_the_archive_down_at_start_is_reported_and_picked_up_when_it_comes(tmp_p
         with Archive(tmp_path / "orthanc", port=port):  # the archive comes up: no restart needed
             info = requests.get(f"{srv.url}/info/", timeout=30).json()
             assert info["datastore"]["total"] == 1 and "error" not in info["datastore"]
+
+
+def test_the_background_scorer_scores_a_new_series_and_leaves_the_cache_as_it_was(server, archive):
+    before = requests.get(f"{server.url}/segvol/status", params={"client_id": "watch"}, timeout=30).json()["scoring"]
+    _, series, files = ct_series(11)  # stored by another tool while the server runs
+    for f in files:
+        requests.post(f"{archive.url}/instances", data=f, auth=(USER, PASSWORD), timeout=30).raise_for_status()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        scoring = requests.get(f"{server.url}/segvol/status", params={"client_id": "watch"}, timeout=30).json()
+        scoring = scoring["scoring"]
+        if scoring["unlabelled"] > before["unlabelled"] and scoring["scored"] == scoring["unlabelled"]:
+            break
+        time.sleep(0.3)
+    assert scoring["scored"] == scoring["unlabelled"] > before["unlabelled"], scoring
+    assert not list((server.log.parent / "cache").rglob(f"*{series}*"))  # read once, not kept in the cache
+    pick = requests.post(f"{server.url}/activelearning/uncertainty", json={"client_id": "scores"}, timeout=30).json()
+    assert series in pick["uncertainty"] and pick["scored_by"]["model_version"] == scoring["model_version"]

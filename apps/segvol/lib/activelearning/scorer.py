@@ -94,7 +94,8 @@ class BackgroundScorer:
         self.current = image
         t0 = time.perf_counter()
         try:
-            value, version = score_image(self.service, self.datastore().get_image_uri(image), names)
+            with self.datastore().read_once(image) as path:
+                value, version = score_image(self.service, path, names)
         except ImageReadError as e:
             self.unreadable.add(image, str(e))
             return None

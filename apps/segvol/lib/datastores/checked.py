@@ -4,6 +4,8 @@ label-saving pipeline (lib/labels/save.py), the team's history, a label's voxels
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +53,12 @@ class CheckedLabels:
 
     def get_image_uri(self, image_id: str) -> str:
         return self._inside(super().get_image_uri(image_id))
+
+    @contextmanager
+    def read_once(self, image_id: str) -> Iterator[str]:
+        """The image's file for one read by the background scorer (lib/activelearning/scorer.py):
+        in a folder, the file itself."""
+        yield self.get_image_uri(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
         return self._inside(super().get_label_uri(label_id, label_tag))

@@ -12,13 +12,17 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import requests
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.utils.convert import dicom_to_nifti
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 
 from lib.archive.index import SegIndex
@@ -30,6 +34,7 @@ from lib.datastores.checked import CheckedLabels
 from lib.labels.checks import LabelPart
 from lib.labels.save import FINAL, Checked
 from lib.team.provenance import AUTOMATIC
+from segvol.io import ImageReadError
 
 log = logging.getLogger(__name__)
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
@@ -100,9 +105,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         an image at a time in this process: a second caller would otherwise read its NIfTI half-written."""
         if not SERIES_UID.match(image_id or ""):
             raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
-        with self._fetching_lock:
-            fetching = self._fetching.setdefault(image_id, threading.Lock())
-        with fetching:  # a second caller (the background scorer, another annotator) waits for the whole file
+        with self._fetch_of(image_id):  # a second caller (the background scorer, another annotator) waits
             cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
             if self.converts_to_nifti and os.path.exists(cached):  # fetched before: nothing to ask the archive
                 return self._inside(cached)
@@ -114,6 +117,42 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
                 os.unlink(uri)
                 uri = cached
         return self._inside(uri)
+
+    def _fetch_of(self, image_id: str) -> threading.Lock:
+        """Held while the image's series is fetched into the cache."""
+        with self._fetching_lock:
+            return self._fetching.setdefault(image_id, threading.Lock())
+
+    @contextmanager
+    def read_once(self, image_id: str) -> Iterator[str]:
+        """The image's NIfTI for one read by the background scorer: the cache's where the series
+        was fetched before; else the series fetched into a folder of its own and removed after the
+        read, the cache left as it was (the scorer reads every series of the archive: kept, they
+        would fill the disk). A series that does not convert is an ImageReadError."""
+        if not SERIES_UID.match(image_id or ""):
+            raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
+        cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+        with self._fetch_of(image_id):
+            fetched = self.converts_to_nifti and os.path.exists(cached)
+        if fetched:
+            yield self._inside(cached)
+            return
+        work = Path(tempfile.mkdtemp(prefix="segvol-read-once-"))
+        try:
+            try:
+                dicom_web_download_series(None, image_id, str(work / "series"), self.archive, self.fetch_by_frame)
+            except requests.RequestException as e:
+                raise self._archive_down(e) from e
+            try:
+                nifti = dicom_to_nifti(str(work / "series"))
+            except Exception as e:  # SimpleITK's RuntimeError, a series without files
+                raise ImageReadError(f"series {image_id} does not convert to a volume: {e}") from e
+            try:
+                yield nifti
+            finally:
+                Path(nifti).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def release(self, image_id: str) -> None:
         """Delete the image's downloaded series and its NIfTI from the cache: pre-annotation reads

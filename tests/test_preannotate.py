@@ -225,3 +225,17 @@ def test_a_draft_in_a_folder_is_the_original_label_never_the_final_one(tmp_path)
     assert SegVolLocalDatastore(
         str(tmp_path), **wiring(service, Team(0)), extensions=("*.nii.gz",)
     ).annotated_images() == {"ct1", "ct2"}
+
+
+def test_the_run_stores_each_series_uncertainty_for_next_image(runs):
+    from lib.team.scores import Scores
+    from lib.team.store import TeamStore
+
+    store = TeamStore(runs["work"] / "team.sqlite")
+    with store.connect() as db:
+        rows = db.execute("SELECT image, categories, model_version, score FROM scores").fetchall()
+    assert {r["image"] for r in rows} == set(runs["archive"].series.values())  # the corrupt series has none
+    [categories] = {r["categories"] for r in rows}
+    [version] = {r["model_version"] for r in rows}
+    newest = Scores(store).newest(categories.split("\n"), version)
+    assert all(0 <= s.value <= 1 for s in newest.values()) and len({s.value for s in newest.values()}) == 4

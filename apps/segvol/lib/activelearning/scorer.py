@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
@@ -46,11 +47,16 @@ def team_categories(store: TeamStore, auto_labels: tuple[str, ...]) -> list[str]
 
 def score_image(service: ModelHost, path: str, names: list[str]) -> tuple[float, str]:
     """The image's score and the model version that gave it (ImageReadError when it cannot be read)."""
+    return score_volume(service, read_volume(path).array, names)
+
+
+def score_volume(service: ModelHost, image_ijk: np.ndarray, names: list[str]) -> tuple[float, str]:
+    """The score of an image already read: ``python apps/segvol preannotate`` scores the series it
+    segments, its zoom-out encoding still cached (decoder passes only)."""
     predictor = service.wait()
-    volume = read_volume(path)
     with service.lock:
         service.sync_version()
-        logits = predictor.zoom_out_logits(volume.array, names)
+        logits = predictor.zoom_out_logits(image_ijk, names)
         return sum(mean_entropy(x) for x in logits) / len(names), service.version
 
 

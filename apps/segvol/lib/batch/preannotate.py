@@ -26,11 +26,13 @@ from pathlib import Path
 import numpy as np
 
 import segvol
+from lib.activelearning.scorer import score_volume, team_categories
 from lib.datastores import CheckedLabels, open_datastore
 from lib.labels.checks import LabelPart
 from lib.serving.host import ModelHost
 from lib.serving.params import PromptBuilder, with_texts
 from lib.settings import AppSettings
+from lib.team.scores import Scores
 from lib.team.team import Team
 from segvol.vocabulary import default_vocabulary
 
@@ -113,6 +115,7 @@ class Annotator:
             builder = PromptBuilder(self.service.vocabulary, volume.array.shape)
             targets = with_texts(builder, list(self.job.categories), [], [], None)
             seg = self.service.segment(volume, [t.prompt for t in targets], [t.value for t in targets])
+            self.score(series, volume.array)
             counts = np.bincount(seg.labelmap.ravel(), minlength=256)
             voxels = {t.name: int(counts[t.value]) for t in targets}
             row["voxels"] = json.dumps(voxels)
@@ -137,6 +140,17 @@ class Annotator:
             row["seconds"] = round(time.perf_counter() - t0, 3)
             self.store.release(series)
         return row
+
+    def score(self, series: str, image_ijk: np.ndarray) -> None:
+        """Store the series' uncertainty for Next image (lib/activelearning/scorer.py) in the
+        server's team store, when the run was given one: what the server's background scorer would
+        otherwise compute again, one encoder pass per series."""
+        if self.team.store is None:
+            return
+        t0 = time.perf_counter()
+        names = team_categories(self.team.store, self.service.settings.auto_labels)
+        value, version = score_volume(self.service, image_ijk, names)
+        Scores(self.team.store).put(series, names, version, value, time.perf_counter() - t0)
 
 
 @dataclass

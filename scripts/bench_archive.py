@@ -9,11 +9,11 @@ Measured, in this order: filling Orthanc (instances/s); the server's start-up to
 memory (RSS) then and after the first full listing; /info and /datastore latency (p50, p95 of
 20 calls); Next image p50 / p95 while a client prompts (text prompts on random images), first
 with ``--annotators`` threads asking at the same moment once a second, then with each asking
-again as soon as answered (a stress test: there latency is set by throughput); how long until ``--new`` series added to the archive are
-listed, what a full listing and a refresh (nothing new; ``--new`` new series) cost, and the
-server's CPU seconds per minute while scoring and refreshing; the background
-scorer's rate on these small series. ``--full-size``: one full-size ViT-B scoring pass on a
-realistic CT on this machine, and the time every image would then need to be scored.
+again as soon as answered (a stress test: there latency is set by throughput); the background
+scorer's rate on these small series; what a full listing and a refresh (nothing new; ``--new``
+new series) cost; how long until ``--new`` series added to the archive are listed, and the
+server's CPU seconds per minute while scoring and refreshing. ``--full-size``: one full-size
+ViT-B scoring pass on a realistic CT on this machine, and the time every image would then need.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     orthanc.start(port, work / "orthanc")
     server = None
     try:
-        _, seconds, instances = fill(port, 0, a.series, a.segs)
+        ids, seconds, instances = fill(port, 0, a.series, a.segs)
         row(
             f"fill Orthanc: {a.series} series, {a.segs} SEGs",
             f"{seconds:.0f} s ({instances / seconds:.0f} instances/s)",
@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         whole = timed(lambda: get("/datastore/", output="all").raise_for_status(), 3)
         row("/datastore/?output=all p50 (3 calls)", f"{p(whole, 50):.2f} s")
 
-        images = get("/datastore/", output="all").json()["objects"]
-        ids = list(images)
         stop = threading.Event()
         latencies: list[float] = []
         prompts: list[float] = []

@@ -75,8 +75,8 @@ class Uncertainty(Strategy):
         return [team]
 
     def __call__(self, request: dict, datastore) -> dict | None:
-        candidates = datastore.get_unlabeled_images(request.get("label_tag"), None)
-        candidates = [i for i in candidates if not self.unreadable.has(i)]
+        unreadable = self.unreadable.ids()
+        candidates = [i for i in datastore.get_unlabeled_images(request.get("label_tag"), None) if i not in unreadable]
         if not candidates:
             return None
         version = self.service.version

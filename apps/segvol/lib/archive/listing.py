@@ -53,8 +53,13 @@ class ArchiveListing:
         self._studies: dict[str, str] = {}  # Orthanc study id -> StudyInstanceUID (looked up once)
         self._relisted = Relisted(self._list_all, refresh_seconds, "archive series", update=self._update)
 
+    def now(self) -> Listing:
+        """The listing as it stands (a new object whenever it was brought up to date);
+        ArchiveUnreachable before the archive ever answered (then the last list stands)."""
+        return self._listing()
+
     def images(self) -> list[str]:
-        """The CT series UIDs; ArchiveUnreachable before the archive ever answered (then the last list stands)."""
+        """The CT series UIDs."""
         return list(self._listing().images)
 
     def segs(self) -> list[ListedSeg]:

@@ -53,6 +53,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         self.outbox = Outbox(self.archive, self.root / "pending-seg", on_stored=self.seg_index.refresh)
         self._fetching: dict[str, threading.Lock] = {}  # image id -> held while its series is fetched
         self._fetching_lock = threading.Lock()
+        self._unlabelled: tuple[object, list[str]] | None = None  # (the listing, its unlabelled images)
 
     def _archive_down(self, e: Exception) -> HTTPException:
         return HTTPException(503, f"the DICOMweb archive {self.archive.base_url} does not answer ({e})")
@@ -86,9 +87,17 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         """The CT series without a final label, sorted (MONAI Label's also logs every labelled
-        series UID, on each call: megabytes of log an hour on a big archive)."""
-        labelled = self._asking(self.seg_index.newest)
-        return sorted(i for i in self.list_images() if i not in labelled)
+        series UID, on each call: megabytes of log an hour on a big archive). Kept until the
+        listing changes (this server storing a SEG changes it at once)."""
+        try:
+            listing = self.listing.now()
+        except ArchiveUnreachable as e:
+            raise self._archive_down(e.__cause__ or e) from e
+        known = self._unlabelled
+        if known is None or known[0] is not listing:  # worked out again once per listing, not per pick
+            labelled = self._asking(self.seg_index.newest)
+            known = self._unlabelled = (listing, sorted(i for i in listing.images if i not in labelled))
+        return list(known[1])
 
     def label_keys(self) -> set[str]:
         """Every SEG series in the archive but the drafts (QIDO only, nothing downloaded)."""

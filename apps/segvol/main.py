@@ -122,7 +122,9 @@ class SegVolApp(AppAccess, MONAILabelApp):
             )
         if result is None:
             return {}
-        result["path"] = self.datastore().get_image_uri(result["id"])
+        path = self.datastore().uri_if_ready(result["id"])  # an archive's series is fetched in the background
+        if path:
+            result["path"] = path
         result["client_id"] = client
         if team.double.chosen(result["id"]):
             result["double_read"] = True

@@ -54,6 +54,10 @@ class CheckedLabels:
     def get_image_uri(self, image_id: str) -> str:
         return self._inside(super().get_image_uri(image_id))
 
+    def uri_if_ready(self, image_id: str) -> str | None:
+        """The image's file for a Next image answer's ``path``: in a folder, the file itself."""
+        return self.get_image_uri(image_id)
+
     @contextmanager
     def read_once(self, image_id: str) -> Iterator[str]:
         """The image's file for one read by the background scorer (lib/activelearning/scorer.py):

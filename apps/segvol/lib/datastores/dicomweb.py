@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         self._fetching: dict[str, threading.Lock] = {}  # image id -> held while its series is fetched
         self._fetching_lock = threading.Lock()
         self._unlabelled: tuple[object, list[str]] | None = None  # (the listing, its unlabelled images)
+        self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="segvol-prefetch")  # series handed out
 
     def _archive_down(self, e: Exception) -> HTTPException:
         return HTTPException(503, f"the DICOMweb archive {self.archive.base_url} does not answer ({e})")
@@ -126,6 +128,23 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
                 os.unlink(uri)
                 uri = cached
         return self._inside(uri)
+
+    def uri_if_ready(self, image_id: str) -> str | None:
+        """The cached NIfTI when the series was fetched before; else None, and the series is
+        fetched in the background, so the annotator's first prompt finds it (Next image used to
+        download and convert it on the request path: seconds for a real CT). Without a ``path``,
+        Slicer downloads the image through /datastore/image, which waits for that fetch."""
+        cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+        if self.converts_to_nifti and os.path.exists(cached) and not self._fetch_of(image_id).locked():
+            return self._inside(cached)
+        self._prefetch.submit(self._fetch_quietly, image_id)
+        return None
+
+    def _fetch_quietly(self, image_id: str) -> None:
+        try:
+            self.get_image_uri(image_id)
+        except Exception as e:  # the archive down, a series that does not convert: the first prompt says so
+            log.warning("series %s not fetched ahead: %s", image_id, getattr(e, "detail", e))
 
     def _fetch_of(self, image_id: str) -> threading.Lock:
         """Held while the image's series is fetched into the cache."""

@@ -417,3 +417,4 @@ def test_the_background_scorer_scores_a_new_series_and_leaves_the_cache_as_it_wa
     assert not list((server.log.parent / "cache").rglob(f"*{series}*"))  # read once, not kept in the cache
     pick = requests.post(f"{server.url}/activelearning/uncertainty", json={"client_id": "scores"}, timeout=30).json()
     assert series in pick["uncertainty"] and pick["scored_by"]["model_version"] == scoring["model_version"]
+    assert pick["StudyInstanceUID"] == archive.study_of(pick["id"])  # the page opens it, fetched or not

@@ -101,6 +101,20 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
             known = self._unlabelled = (listing, sorted(i for i in listing.images if i not in labelled))
         return list(known[1])
 
+    def get_image_info(self, image_id: str) -> dict:
+        """The cache index's info of a series fetched before; for one not fetched yet (Next image
+        fetches in the background), its study and series from the listing: the SegVol mode opens
+        the study it is told."""
+        info = super().get_image_info(image_id)
+        if "StudyInstanceUID" not in info:
+            try:
+                study = self.listing.now().images.get(image_id)
+            except ArchiveUnreachable:
+                study = None
+            if study:
+                info = {**info, "StudyInstanceUID": study, "SeriesInstanceUID": image_id}
+        return info
+
     def label_keys(self) -> set[str]:
         """Every SEG series in the archive but the drafts (QIDO only, nothing downloaded)."""
         return {seg.uid for seg in self._asking(self.seg_index.listed) if not seg.draft}

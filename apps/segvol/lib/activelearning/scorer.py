@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -100,7 +101,9 @@ class BackgroundScorer:
         self.current = image
         t0 = time.perf_counter()
         try:
-            with self.datastore().read_once(image) as path:
+            datastore = self.datastore()
+            read_once = getattr(datastore, "read_once", None)  # ours; MONAI Label's datastores: the file
+            with read_once(image) if read_once else nullcontext(datastore.get_image_uri(image)) as path:
                 value, version = score_image(self.service, path, names)
         except ImageReadError as e:
             self.unreadable.add(image, str(e))

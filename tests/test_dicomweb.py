@@ -50,7 +50,7 @@ def test_orthanc_holds_the_sample_series_behind_basic_auth(archive):
     assert requests.get(f"{archive.url}/dicom-web/studies", timeout=10).status_code == 401
     uid = archive.series["lung1"]
     series = archive.get("/dicom-web/series", params={"Modality": "CT"}).json()
-    assert [s["0020000E"]["Value"][0] for s in series] == [uid]
+    assert uid in [s["0020000E"]["Value"][0] for s in series]  # (another test stores a series of its own)
 
 
 def test_a_slicer_session_ends_with_a_seg_in_the_archive(tmp_path):

@@ -12,6 +12,9 @@ import logging
 import threading
 from collections.abc import Callable
 
+from lib.compat import MONAI_LABEL, require
+
+require("monailabel", MONAI_LABEL, __name__)  # the stamp's form is MONAI Label's endpoints/activelearning.py's
 log = logging.getLogger(__name__)
 TRIES = 60  # one a second: how long a stamp waits for its image to enter the index
 

@@ -91,10 +91,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         """The CT series without a final label, sorted (MONAI Label's also logs every labelled
         series UID, on each call: megabytes of log an hour on a big archive). Kept until the
         listing changes (this server storing a SEG changes it at once)."""
-        try:
-            listing = self.listing.now()
-        except ArchiveUnreachable as e:
-            raise self._archive_down(e.__cause__ or e) from e
+        listing = self._asking(self.listing.now)
         known = self._unlabelled
         if known is None or known[0] is not listing:  # worked out again once per listing, not per pick
             labelled = self._asking(self.seg_index.newest)
@@ -128,10 +125,8 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         a temporary copy in /tmp and returns that one (removed here). An image not in the cache while
         the archive does not answer is a 503 saying so. Only a DICOM UID becomes a path. One fetch of
         an image at a time in this process: a second caller would otherwise read its NIfTI half-written."""
-        if not SERIES_UID.match(image_id or ""):
-            raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
+        cached = self._cached_nifti(image_id)
         with self._fetch_of(image_id):  # a second caller (the background scorer, another annotator) waits
-            cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
             if self.converts_to_nifti and os.path.exists(cached):  # fetched before: nothing to ask the archive
                 return self._inside(cached)
             try:
@@ -148,7 +143,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         fetched in the background, so the annotator's first prompt finds it (Next image used to
         download and convert it on the request path: seconds for a real CT). Without a ``path``,
         Slicer downloads the image through /datastore/image, which waits for that fetch."""
-        cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+        cached = self._cached_nifti(image_id)
         if self.converts_to_nifti and os.path.exists(cached) and not self._fetch_of(image_id).locked():
             return self._inside(cached)
         self._prefetch.submit(self._fetch_quietly, image_id)
@@ -159,6 +154,12 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
             self.get_image_uri(image_id)
         except Exception as e:  # the archive down, a series that does not convert: the first prompt says so
             log.warning("series %s not fetched ahead: %s", image_id, getattr(e, "detail", e))
+
+    def _cached_nifti(self, image_id: str) -> str:
+        """Where the series' NIfTI is, or will be, in the cache; only a DICOM UID becomes a path."""
+        if not SERIES_UID.match(image_id or ""):
+            raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
+        return os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
 
     def _fetch_of(self, image_id: str) -> threading.Lock:
         """Held while the image's series is fetched into the cache."""
@@ -171,9 +172,7 @@ class SegVolDICOMWebDatastore(CheckedLabels, ArchiveAccess, DICOMWebDatastore):
         was fetched before; else the series fetched into a folder of its own and removed after the
         read, the cache left as it was (the scorer reads every series of the archive: kept, they
         would fill the disk). A series that does not convert is an ImageReadError."""
-        if not SERIES_UID.match(image_id or ""):
-            raise HTTPException(status_code=404, detail=f"{image_id!r} is not a series of the archive")
-        cached = os.path.realpath(os.path.join(self.image_dir, f"{image_id}.nii.gz"))
+        cached = self._cached_nifti(image_id)
         with self._fetch_of(image_id):
             fetched = self.converts_to_nifti and os.path.exists(cached)
         if fetched:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install segvol-label with pinned dependencies (idempotent), plus the Debian
-# packages it runs with: Orthanc and its DICOMweb plugin (the archive), HAProxy (replicas), and with SEGVOL_BROWSER=1
-# (the tests) Chromium (they drive OHIF in it) and dicom3tools (dciodvfy checks every SEG).
+# packages it runs with: Orthanc and its DICOMweb plugin (the archive), HAProxy (replicas), PostgreSQL (the tests
+# start their own server with scripts/postgres.py), and with SEGVOL_BROWSER=1 (the tests) Chromium (they drive OHIF
+# in it) and dicom3tools (dciodvfy checks every SEG).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ debs=()
 command -v Orthanc >/dev/null || debs+=(orthanc)
 command -v haproxy >/dev/null || debs+=(haproxy)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || debs+=(orthanc-dicomweb)
+# Debian keeps initdb off PATH, in /usr/lib/postgresql/<version>/bin (scripts/postgres.py looks in both)
+command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || debs+=(postgresql)
 if [ "${SEGVOL_BROWSER:-0}" = 1 ]; then
   command -v chromium >/dev/null || debs+=(chromium)
   command -v dciodvfy >/dev/null || debs+=(dicom3tools)

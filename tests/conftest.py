@@ -98,3 +98,27 @@ def phantom_file(tmp_path) -> Path:
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(phantom(), np.diag([1.5, 1.5, 5.0, 1.0])), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/database.py), started when first asked for."""
+    from database import Postgres
+
+    with Postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def team_db(request, tmp_path) -> str:
+    """Where a team store lives, once per engine: an SQLite file, or the session's PostgreSQL with
+    an empty schema (every table of the previous test dropped)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "team.sqlite")
+    import psycopg
+
+    url = request.getfixturevalue("postgres_server").url
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP SCHEMA public CASCADE")
+        db.execute("CREATE SCHEMA public")
+    return url

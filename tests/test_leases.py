@@ -9,7 +9,7 @@ from monailabel.tasks.activelearning.first import First
 
 from lib.team.leases import Leases
 from lib.team.provenance import AUTOMATIC, MANUAL, SEMIAUTOMATIC, Provenance
-from lib.team.store import TeamStore
+from lib.team.store import open_store
 
 
 class Clock:
@@ -30,9 +30,9 @@ class Images:
         return list(self.unlabelled)
 
 
-def test_leases_follow_the_rule(tmp_path):
+def test_leases_follow_the_rule(team_db):
     clock = Clock()
-    leases = Leases(TeamStore(tmp_path / "team.sqlite"), minutes=30, clock=clock)
+    leases = Leases(open_store(team_db), minutes=30, clock=clock)
     images = Images(["a", "b"])
     first = First()
     got = {c: leases.next_image(c, first, {}, images) for c in ("x", "y")}
@@ -52,8 +52,8 @@ def test_leases_follow_the_rule(tmp_path):
     assert leases.end("b") == 1 and leases.held_by("y") is None
 
 
-def test_one_pick_at_a_time(tmp_path):
-    leases = Leases(TeamStore(tmp_path / "team.sqlite"), minutes=30)
+def test_one_pick_at_a_time(team_db):
+    leases = Leases(open_store(team_db), minutes=30)
     images = Images([f"img{n}" for n in range(8)])
     picks: list[str] = []
 
@@ -68,8 +68,8 @@ def test_one_pick_at_a_time(tmp_path):
     assert sorted(picks) == sorted(images.unlabelled)  # eight clients, eight different images
 
 
-def test_provenance_tells_the_three_kinds_apart(tmp_path):
-    provenance = Provenance(TeamStore(tmp_path / "team.sqlite"), per_image=2)
+def test_provenance_tells_the_three_kinds_apart(team_db):
+    provenance = Provenance(open_store(team_db), per_image=2)
     served = np.zeros((20, 16, 8), np.uint8)
     served[2:10, 3:9, 1:5] = 7
     rid = provenance.record("img", "ada", "v1", "segvol", [{"value": 7, "text": "liver"}], served, {7: "liver"}, 0.5)

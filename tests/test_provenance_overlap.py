@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lib.team.provenance import AUTOMATIC, MANUAL, SEMIAUTOMATIC, Provenance
-from lib.team.store import TeamStore
+from lib.team.store import open_store
 
 LIVER, SPLEEN, RIGHT_LUNG, LEFT_LUNG = 1, 2, 84, 85
 SHAPE = (23, 19, 7)  # 3059 voxels: not a whole number of bytes once packed
@@ -24,8 +24,8 @@ def apply(labelmap: np.ndarray, result_values: list[int], result_labelmap: np.nd
 
 
 @pytest.fixture
-def provenance(tmp_path) -> Provenance:
-    return Provenance(TeamStore(tmp_path / "team.sqlite"))
+def provenance(team_db) -> Provenance:
+    return Provenance(open_store(team_db))
 
 
 def _serve(provenance: Provenance, labelmap: np.ndarray, names: dict[int, str], image: str = "img") -> int:

@@ -15,7 +15,7 @@ from lib.team.figures import as_csv, team_figures
 from lib.team.leases import Leases, WithImages
 from lib.team.provenance import Provenance
 from lib.team.reviews import ReviewError, Reviews
-from lib.team.store import TeamStore
+from lib.team.store import open_store
 
 
 class Clock:
@@ -27,8 +27,8 @@ class Clock:
 
 
 @pytest.fixture
-def team(tmp_path):
-    store = TeamStore(tmp_path / "team.sqlite")
+def team(team_db):
+    store = open_store(team_db)
     clock = Clock()
     reviews = Reviews(store, clock)
     return store, clock, reviews, Provenance(store)
@@ -222,8 +222,8 @@ def test_a_round_learns_from_approved_labels_only(team):
     assert [i["image_id"] for i in ReviewedLabels(Folder([image]), reviews, "final").datalist()] == []
 
 
-def test_labels_saved_before_reviews_existed_are_submitted_once(tmp_path):
-    store = TeamStore(tmp_path / "team.sqlite")
+def test_labels_saved_before_reviews_existed_are_submitted_once(team_db):
+    store = open_store(team_db)
     provenance = Provenance(store)
     old = provenance.record_save("img", "ada", "final", "base", [{"value": 1, "name": "liver"}], None)
     newer = provenance.record_save("img", "bob", "final", "base", [{"value": 1, "name": "liver"}], None)

@@ -18,7 +18,7 @@ from conftest import phantom
 from lib.team.autosaves import Autosaves
 from lib.team.conflicts import ConflictError, FinalSaves
 from lib.team.provenance import Provenance
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, open_store
 from server import Server
 
 pytestmark = pytest.mark.server
@@ -171,11 +171,11 @@ def test_ohifs_round_check_is_answered(server):
     assert r.status_code == 200 and r.json() == {"status": "NOT RUNNING"}
 
 
-def test_a_save_waits_for_another_save_of_the_image_and_is_checked_against_it(tmp_path):
+def test_a_save_waits_for_another_save_of_the_image_and_is_checked_against_it(team_db):
     """Two processes saving one image at once cannot both pass the check: the second waits for
     the first's claim, then sees its label (the team store, as every process does)."""
-    store = TeamStore(tmp_path / "team.sqlite")
-    first, second = FinalSaves(store), FinalSaves(TeamStore(tmp_path / "team.sqlite"))
+    store = open_store(team_db)
+    first, second = FinalSaves(store), FinalSaves(open_store(team_db))
     inside, outcome = threading.Event(), {}
 
     def grace() -> None:
@@ -199,10 +199,10 @@ def test_a_save_waits_for_another_save_of_the_image_and_is_checked_against_it(tm
         pass
 
 
-def test_the_team_store_keeps_a_bounded_number_of_autosaves(tmp_path):
+def test_the_team_store_keeps_a_bounded_number_of_autosaves(team_db):
     """Without sign-in a client id is a name: many names cannot fill the disk with autosaves."""
     clock = iter(range(100))
-    autosaves = Autosaves(TeamStore(tmp_path / "team.sqlite"), clock=lambda: next(clock), keep=3)
+    autosaves = Autosaves(open_store(team_db), clock=lambda: next(clock), keep=3)
     for n in range(5):
         autosaves.put("img", f"client{n}", b"\x00" * 8, (2, 2, 2), [], None)
     assert [autosaves.get("img", f"client{n}") is not None for n in range(5)] == [False, False, True, True, True]
@@ -219,7 +219,7 @@ def test_a_claim_left_by_a_killed_process_is_taken_over_at_once(tmp_path):
     saves = FinalSaves(store)
     code = (
         "import sys; sys.path.insert(0, 'apps/segvol');"
-        "from lib.team.store import TeamStore; from lib.team.conflicts import FinalSaves;"
+        "from lib.team.store import TeamStore, open_store; from lib.team.conflicts import FinalSaves;"
         f"g = FinalSaves(TeamStore({str(tmp_path / 'team.sqlite')!r})).guard('img', 'ada', None, False);"
         "g.__enter__(); print('claimed', flush=True); import time; time.sleep(60)"
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from monailabel.config import settings
 
 from segvol.model import CONFIGS
+from segvol.postgres import shown
 from segvol.vocabulary import Resolved, default_vocabulary
 
 DEFAULT_AUTO_LABELS = (
@@ -86,8 +88,9 @@ HELP = {
     "authentication on or --conf reviewers) or final (every final label; a double-read image once adjudicated)",
     "double_read_fraction": "the share of images read by two annotators, blind, then adjudicated by a reviewer "
     "(0.0; which images is stable: a hash of the image id)",
-    "team_db": "the team's shared state (leases, served results, saved labels): an SQLite file "
-    "(default: .segvol/team.sqlite beside the datastore)",
+    "team_db": "the team's shared state (leases, served results, saved labels, reviews): an SQLite file "
+    "(default: .segvol/team.sqlite beside the datastore), or postgresql://user[:password]@host:port/db "
+    "for a team across several hosts (model versions and the round lock then live there too)",
 }
 
 
@@ -109,6 +112,22 @@ def _choice(conf: dict, key: str, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ConfError(f"--conf {key} {value!r}: expected one of {', '.join(options)}")
     return value
+
+
+def _team_db(conf: dict) -> str | None:
+    """``--conf team_db``: a postgresql:// URL (checked here, so a typo stops the start) or a file."""
+    value = str(conf.get("team_db") or "").strip()
+    if not value:
+        return None
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path.strip("/"):
+            raise ConfError(
+                f"--conf team_db {shown(value)!r}: expected postgresql://user[:password]@host[:port]/database "
+                "or an SQLite file"
+            )
+        return value
+    return str(Path(value))
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,7 @@ class AppSettings:
     max_upload_mb: float = 1024.0
     datastore_changes: bool = False
     background_scoring: bool = True
-    team_db: Path | None = None
+    team_db: str | None = None
     reviewers: tuple[str, ...] = ()
     self_review: bool = False
     train_on: str = "final"
@@ -173,7 +192,7 @@ class AppSettings:
             auto_labels=labels,
             model_dir=model_dir,
             versions_dir=Path(conf.get("versions_dir") or model_dir / "versions"),
-            team_db=Path(conf["team_db"]) if conf.get("team_db") else None,
+            team_db=_team_db(conf),
             reviewers=reviewers,
             self_review=_bool(conf, "self_review", False),
             train_on=_train_on(conf, reviewers),

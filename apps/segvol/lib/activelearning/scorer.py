@@ -21,13 +21,13 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 
 from lib.serving.host import ModelHost
 from lib.team.scores import Scores
 from lib.team.store import TeamStore
 from lib.team.unreadable import Unreadable
 from segvol.io import ImageReadError, read_volume
+from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class BackgroundScorer:
         self.unreadable = unreadable
         self.poll = poll
         self.pause = pause
-        self._lock = FileLock(f"{store.path}.scorer.lock")
+        self._lock = store.lock("scorer")  # one scorer for the team, on whichever host takes it
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,11 +167,11 @@ class BackgroundScorer:
         while not self._stop.is_set():
             if not self.holder:
                 try:
-                    self._lock.acquire(timeout=0)
-                    self.holder = True
+                    self.holder = self._lock.acquire(timeout=0)
+                except DatabaseUnavailable as e:
+                    log.warning("background scoring waits for the team store: %s", e)
+                if self.holder:
                     log.info("background scoring: this process scores the unlabelled images")
-                except Timeout:
-                    pass
             done = 0
             if self.holder:
                 try:

@@ -58,7 +58,9 @@ class Uncertainty(Strategy):
     def generations(self) -> tuple[int, int]:
         """How many scores and saves the team store has had: one query says whether to read again."""
         with self.store.connect() as db:
-            row = db.execute("SELECT (SELECT MAX(rowid) FROM scores), (SELECT MAX(rowid) FROM saves)").fetchone()
+            row = db.execute(
+                "SELECT (SELECT n FROM generations WHERE name = 'scores'), (SELECT MAX(id) FROM saves)"
+            ).fetchone()
         return row[0] or 0, row[1] or 0
 
     def category_sets(self, request: dict, saves: int) -> list[list[str]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, upsert
 
 
 class AutosaveError(ValueError):
@@ -88,7 +88,11 @@ class Autosaves:
         saved = Autosave(image, client, self.clock(), based_on, tuple(shape), names, voxels)
         with self.store.connect(write=True) as db:
             db.execute(
-                "INSERT OR REPLACE INTO autosaves VALUES (?, ?, ?, ?, ?, ?, ?)",
+                upsert(
+                    "autosaves",
+                    ("image", "client", "time", "based_on", "shape", "names", "voxels"),
+                    ("image", "client"),
+                ),
                 (
                     image,
                     client,
@@ -100,7 +104,8 @@ class Autosaves:
                 ),
             )
             db.execute(
-                "DELETE FROM autosaves WHERE rowid NOT IN (SELECT rowid FROM autosaves ORDER BY time DESC LIMIT ?)",
+                "DELETE FROM autosaves WHERE (image, client) NOT IN "
+                "(SELECT image, client FROM autosaves ORDER BY time DESC LIMIT ?)",
                 (self.keep,),
             )
         return saved

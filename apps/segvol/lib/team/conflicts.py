@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, upsert
 
 CLAIM_SECONDS = 300.0  # longer than any save (a SEG written and handed to the outbox)
 WAIT_SECONDS = 60.0  # how long a save waits for another save of the same image
@@ -99,7 +99,7 @@ class FinalSaves:
                         "or save anyway as a new version",
                         newest,
                     )
-            db.execute("INSERT OR REPLACE INTO save_claims VALUES (?, ?, ?)", (image, token, now))
+            db.execute(upsert("save_claims", ("image", "token", "since"), ("image",)), (image, token, now))
         return True
 
 

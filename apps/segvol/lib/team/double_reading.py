@@ -21,7 +21,7 @@ import numpy as np
 
 from lib.team.agreement import agreement
 from lib.team.reviews import OPEN, WAITING, Reviews
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, upsert
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DoubleReading:
         """A reading's voxels (uint8 on the image grid) and their names, with the image spacing in mm."""
         with self.store.connect(write=True) as db:
             db.execute(
-                "INSERT OR REPLACE INTO readings VALUES (?, ?, ?, ?, ?, ?, ?)",
+                upsert("readings", ("save", "image", "client", "shape", "spacing", "names", "voxels"), ("save",)),
                 (
                     save,
                     image,
@@ -129,7 +129,7 @@ class DoubleReading:
         figures = agreement(first[0], second[0], first[1], second[1], tuple(first[2]["spacing"]))
         with self.store.connect(write=True) as db:
             db.execute(
-                "INSERT OR REPLACE INTO agreements VALUES (?, ?, ?, ?, ?)",
+                upsert("agreements", ("a", "b", "image", "time", "figures"), ("a", "b")),
                 (a, b, first[2]["image"], time.time(), json.dumps(figures)),
             )
         log.info("agreement of readings %d and %d of %s measured in %.1f s", a, b, first[2]["image"], time.time() - t0)

@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from filelock import FileLock
-
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, held
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class Leases:
         self.store = store
         self.minutes = minutes
         self.clock = clock
-        self._pick_lock = FileLock(f"{store.path}.pick.lock")  # across processes
+        self._pick_lock = store.lock("pick")  # across processes and hosts
         self._pick_thread_lock = threading.Lock()  # across this process's request threads
 
     def active(self) -> list[Lease]:
@@ -140,7 +138,7 @@ class Leases:
     @contextmanager
     def picking(self) -> Iterator[None]:
         """One pick at a time across every process on this store (choose, then grant)."""
-        with self._pick_thread_lock, self._pick_lock:
+        with self._pick_thread_lock, held(self._pick_lock):
             yield
 
 

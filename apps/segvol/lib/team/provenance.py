@@ -97,9 +97,9 @@ class Provenance:
         with self.store.connect(write=True) as db:
             rid = db.execute(
                 "INSERT INTO results (image, client, time, model_version, task, prompts, seconds) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (image, client, time.time(), model_version, task, meta, seconds),
-            ).lastrowid
+            ).fetchone()[0]
             db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", [(rid, *m) for m in masks])
             db.execute(
                 "DELETE FROM results WHERE image = ? AND id NOT IN "
@@ -214,9 +214,9 @@ class Provenance:
         with self.store.connect(write=True) as db:
             return db.execute(
                 "INSERT INTO saves (image, client, time, tag, model_version, segments, seg_series) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (image, client, time.time(), tag, model_version, json.dumps(segments), seg_series),
-            ).lastrowid
+            ).fetchone()[0]
 
     def saves(self, image: str) -> list[dict]:
         """Every label saved for ``image`` through this server, newest first."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lib.team.store import TeamStore
+from lib.team.store import BUMP, TeamStore, upsert
+
+KEY = ("image", "categories", "model_version")
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,10 @@ class Scores:
     def put(self, image: str, categories: list[str], model_version: str, value: float, seconds: float) -> None:
         with self.store.connect(write=True) as db:
             db.execute(
-                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?)",
+                upsert("scores", ("image", "categories", "model_version", "score", "time", "seconds"), KEY),
                 (image, key(categories), model_version, value, time.time(), seconds),
             )
+            db.execute(BUMP, ("scores",))
 
     def newest(self, categories: list[str], model_version: str) -> dict[str, Score]:
         """Image -> its score by ``model_version`` where there is one, else by the model that scored it last."""
@@ -48,9 +51,10 @@ class Scores:
         return {r["image"]: Score(r["score"], r["model_version"], r["time"]) for r in rows}  # the last row wins
 
     def generation(self) -> int:
-        """Grows with every score stored (SQLite's rowid of the newest row): whether to read again."""
+        """Grows with every score stored: whether to read again."""
         with self.store.connect() as db:
-            return db.execute("SELECT MAX(rowid) FROM scores").fetchone()[0] or 0
+            row = db.execute("SELECT n FROM generations WHERE name = 'scores'").fetchone()
+        return row[0] if row else 0
 
     def scored(self, categories: list[str], model_version: str) -> set[str]:
         """The images ``model_version`` has scored for ``categories``."""

@@ -22,14 +22,15 @@ from lib.team.leases import Leases
 from lib.team.provenance import Provenance
 from lib.team.reviews import Reviews
 from lib.team.roles import Roles
-from lib.team.store import TeamStore
+from lib.team.store import TeamStore, open_store
 from lib.team.unreadable import Unreadable
 
 log = logging.getLogger(__name__)
 
 
-def store_path(team_db: Path | None, datastore_root: Path) -> Path:
-    """The team store: ``--conf team_db``, else .segvol/team.sqlite beside the datastore."""
+def store_path(team_db: str | None, datastore_root: Path) -> str | Path:
+    """The team store: ``--conf team_db`` (a postgresql:// URL or an SQLite file), else
+    .segvol/team.sqlite beside the datastore."""
     return team_db or Path(datastore_root) / ".segvol" / "team.sqlite"
 
 
@@ -53,16 +54,17 @@ class Team:
             settings.lease_minutes, settings.double_read_fraction, Roles(settings.reviewers, settings.self_review)
         )
 
-    def open(self, path: Path) -> None:
-        """The team's shared state (leases, served results, saved labels, reviews) in the SQLite file ``path``."""
-        store = self.store = TeamStore(path)
+    def open(self, where: str | Path) -> None:
+        """The team's shared state (leases, served results, saved labels, reviews) at ``where``: an
+        SQLite file or a postgresql:// URL."""
+        store = self.store = open_store(where)
         self.provenance = Provenance(store)
         self.leases = Leases(store, self.lease_minutes)
         self.final_saves = FinalSaves(store)
         self.autosaves = Autosaves(store)
         self.reviews = Reviews(store)
         self.double = DoubleReading(store, self.reviews, self.double_read_fraction)
-        log.info("team state (leases, provenance, history, reviews): %s", path)
+        log.info("team state (leases, provenance, history, reviews): %s", store)
 
     def blind(self, image_id: str, client: str) -> set[int]:
         """The saves of the image ``client`` may not see yet: another annotator's double reading while

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -281,25 +282,43 @@ def _versions_parser(sub: Subparsers) -> None:
     v = sub.add_parser(
         "versions",
         help="list, show, activate or roll back fine-tuned decoder versions",
-        description="The versions a server's fine-tune rounds wrote (its --conf versions_dir). The "
-        "server serves the one named in ACTIVE and checks it before every request, so activate and "
-        "rollback take effect at its next request, with no restart.",
+        description="The versions a server's fine-tune rounds wrote: its --conf versions_dir (--dir), or, "
+        "for a team on several hosts, its --conf team_db PostgreSQL database (--team-db). The server "
+        "serves the active one and checks it before every request (every host within a second), so "
+        "activate and rollback take effect at its next request, with no restart.",
         epilog=VERSIONS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     v.set_defaults(run=cmd_versions)
     v.add_argument("action", choices=("list", "show", "activate", "rollback"))
     v.add_argument("name", nargs="?", help="a version (vNNNN) or 'base', for show and activate")
-    v.add_argument("--dir", type=Path, required=True, help="the versions folder (a server's --conf versions_dir)")
+    where = v.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", type=Path, help="the versions folder (a server's --conf versions_dir)")
+    where.add_argument(
+        "--team-db", metavar="URL", help="the team's PostgreSQL (a server's --conf team_db postgresql://...)"
+    )
     v.add_argument("--reason", default="", help="recorded in history.jsonl with the switch")
 
 
 def cmd_versions(a: argparse.Namespace) -> int:
     from segvol.training.versions import VersionError, VersionStore
 
+    if a.team_db:
+        from segvol.postgres import is_url
+        from segvol.training.versions_db import DatabaseVersions
+
+        if not is_url(a.team_db):
+            raise VersionError(f"--team-db {a.team_db!r}: expected postgresql://user@host:port/database")
+        with tempfile.TemporaryDirectory(prefix="segvol-versions-") as copies:  # what activate checks
+            return _versions(DatabaseVersions(a.team_db, copies), a)
     if not a.dir.is_dir():
         raise VersionError(f"no versions folder {a.dir} (give the server's --conf versions_dir with --dir)")
-    store = VersionStore(a.dir)
+    return _versions(VersionStore(a.dir), a)
+
+
+def _versions(store: VersionStore, a: argparse.Namespace) -> int:
+    from segvol.training.versions import VersionError
+
     active = store.active()
     if a.action == "list":
         _list_versions(store, active)

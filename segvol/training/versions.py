@@ -12,6 +12,7 @@ ACTIVE before every request; ``python -m segvol versions`` lists, shows, activat
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -119,7 +120,33 @@ class VersionStore:
                 return event["from"]
         raise VersionError(f"nothing to roll back to: {current!r} was never activated over another version")
 
+    def round_lock(self) -> RoundLock:
+        """One round at a time on this versions folder (train.lock)."""
+        return RoundLock(self.root / "train.lock")
+
     def cleanup_partial(self) -> None:
         """Remove folders left by a round that was killed while writing."""
         for p in self.root.glob(".v*.partial"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+class RoundLock:
+    """flock on a file: ``acquire(0)`` tries once; the kernel drops it with the process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def acquire(self, timeout: float | None = 0) -> bool:
+        self._file = open(self.path, "w")  # noqa: SIM115 - closed in release()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout == 0 else 0))
+        except BlockingIOError:
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None

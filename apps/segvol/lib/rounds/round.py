@@ -21,7 +21,6 @@ with the datastore's ``datalist``.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import time
@@ -41,6 +40,7 @@ from lib.serving.host import ModelHost
 from lib.serving.validation import Param, RequestError, check
 from segvol.training import distributed
 from segvol.training.finetune import DecoderTrainer, Skip, View, check_batch, trainable_state
+from segvol.training.versions import VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +283,20 @@ class Round:
 
 
 @contextmanager
-def exclusive(versions_root: Path, held: bool) -> Iterator[bool]:
-    """train.lock for the whole round (rank 0 takes it; every process learns whether it did).
+def exclusive(store: VersionStore, held: bool) -> Iterator[bool]:
+    """The round lock for the whole round (rank 0 takes it; every process learns whether it did):
+    train.lock in the versions folder, or an advisory lock in the team database across hosts.
     ``held``: the process that started this one holds it."""
     if held:
         yield True
         return
-    with open(Path(versions_root) / "train.lock", "w") as lock:
-        ours = True
-        if distributed.is_main():
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                ours = False
+    lock = store.round_lock()
+    ours = lock.acquire(0) if distributed.is_main() else True
+    try:
         yield distributed.broadcast(ours)
+    finally:
+        if ours and distributed.is_main():
+            lock.release()
 
 
 def run_round(host: ModelHost, request: dict, datastore, app: AppArgs | None = None, lock_held: bool = False) -> dict:
@@ -304,7 +304,7 @@ def run_round(host: ModelHost, request: dict, datastore, app: AppArgs | None = N
     torchrun, the round runs in that many processes (``app``: what builds its parts there)."""
     asked = check_request(request, host.settings)  # refused before anything starts
     store = host.versions
-    with exclusive(store.root, lock_held) as ours:
+    with exclusive(store, lock_held) as ours:
         if not ours:
             return {"status": "skipped", "reason": "another round is running"}
         if distributed.is_main():

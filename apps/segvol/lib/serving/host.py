@@ -23,6 +23,7 @@ from lib.settings import AppSettings
 from segvol.engine import Prediction, SegVolPredictor
 from segvol.io import Volume, read_volume
 from segvol.model import CONFIGS, SegVol
+from segvol.postgres import is_url
 from segvol.preprocess import digest
 from segvol.prompts import Prompt
 from segvol.training.finetune import trainable_state
@@ -59,7 +60,7 @@ class ModelHost:
         self.version = "not loaded"
         self.base_version = "not loaded"
         self.decoder_version = BASE
-        self.versions = VersionStore(settings.versions_dir)
+        self.versions = versions_of(settings)
         self._base_state: dict | None = None
         self.error: str | None = None
         self._ready = threading.Event()
@@ -189,3 +190,13 @@ class ModelHost:
             timings["total"] = round(time.perf_counter() - t0, 4)
             version = self.version
         return Segmentation(predictions, labelmap, voxels, timings, version)
+
+
+def versions_of(settings: AppSettings) -> VersionStore:
+    """The decoder versions: in the team database when it is PostgreSQL (every host serves what a
+    round on any of them promoted), else in the versions folder."""
+    if is_url(settings.team_db):
+        from segvol.training.versions_db import DatabaseVersions
+
+        return DatabaseVersions(settings.team_db, settings.versions_dir)
+    return VersionStore(settings.versions_dir)

@@ -225,9 +225,10 @@ class Reviews:
         submitted: the loser of two reviewers acting at once is told the winner's action."""
         reviewer = actor if state in (APPROVED, RETURNED, CORRECTED, ADJUDICATED) else None
         sql = (
-            "UPDATE reviews SET state = ?, reviewer = COALESCE(?, reviewer), reviewed = CASE WHEN CAST(? AS TEXT) IS NULL "
-            "THEN reviewed ELSE ? END, comment = COALESCE(?, comment), segment_comments = COALESCE(?, "
-            "segment_comments), by_save = COALESCE(?, by_save) WHERE save = ?"
+            "UPDATE reviews SET state = ?, reviewer = COALESCE(?, reviewer), "
+            "reviewed = CASE WHEN CAST(? AS TEXT) IS NULL THEN reviewed ELSE ? END, "
+            "comment = COALESCE(?, comment), segment_comments = COALESCE(?, segment_comments), "
+            "by_save = COALESCE(?, by_save) WHERE save = ?"
         )
         segments = columns.get("segments")
         args = (

@@ -21,7 +21,7 @@ from typing import Annotated
 
 import requests
 from fastapi import Depends, File, Form, HTTPException, Security, UploadFile
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from monailabel.app import app
 from monailabel.config import settings
 from monailabel.endpoints import datastore as monai_datastore
@@ -35,7 +35,8 @@ from lib.paths import tag as checked_tag
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
 from lib.team.access import Action, Forbidden, Policy
-from lib.team.identity import IdentityError, client_of
+from lib.team.identity import IdentityError, client_of, current_user
+from segvol.postgres import DatabaseUnavailable
 
 
 def _policy():
@@ -195,7 +196,11 @@ def save_label(
     instance = app_instance()
     path = spool(label, _max_bytes())
     try:
-        saved = instance.datastore().save(known_image(image), str(path), _tag(tag or "final"), save_params)
+        try:
+            saved = instance.datastore().save(known_image(image), str(path), _tag(tag or "final"), save_params)
+        except DatabaseUnavailable as e:  # nothing stored yet: the whole save is held, stored when it answers
+            held = instance.team.held.hold_save(image, _tag(tag or "final"), save_params, path, current_user.get(), e)
+            return JSONResponse(status_code=202, content=held)
         result = instance.on_save_label(image, saved.image) or {}
     finally:
         path.unlink(missing_ok=True)

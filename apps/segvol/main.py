@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from functools import cached_property
+from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -26,7 +27,7 @@ from lib.rounds.schedule import RoundSchedule
 from lib.serving.host import ModelHost
 from lib.serving.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
-from lib.team.identity import IdentityError, client_of
+from lib.team.identity import IdentityError, client_of, current_user
 from lib.team.leases import WithImages, WithoutImages
 from lib.team.team import Team, store_path
 from segvol.io import ImageReadError
@@ -66,8 +67,19 @@ class SegVolApp(AppAccess, MONAILabelApp):
         self.studies = studies_of(self.studies)
         team = self.team
         store = open_datastore(self.service, team, self.studies, settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
-        team.open(store_path(self.service.settings.team_db, store.root))
+        team.open(store_path(self.service.settings.team_db, store.root), Path(store.root) / ".segvol" / "held-saves")
+        team.held.replay_save = self._replay_save
+        team.held.start()
         return store
+
+    def _replay_save(self, request: dict, upload: Path) -> None:
+        """A save held while the team database was down, through the save route's pipeline, as its sender."""
+        signed_in = current_user.set(request["user"])
+        try:
+            saved = self.datastore().save(request["image"], str(upload), request["tag"], request["params"])
+            self.on_save_label(request["image"], saved.image)
+        finally:
+            current_user.reset(signed_in)
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()

@@ -8,6 +8,7 @@ Run through MONAI Label's launcher: ``--uvicorn_app server:app`` (apps/segvol on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -42,7 +43,9 @@ from lib.rounds.progress import RUNNING, RoundProgress
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
 from lib.team.identity import current_roles, current_user
+from segvol.postgres import DatabaseUnavailable
 
+log = logging.getLogger(__name__)
 NOTHING_LEFT = "Nothing left to annotate: every image in the datastore has a final label."
 SERIES_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
 
@@ -55,6 +58,19 @@ async def bad_json(request: Request, exc: json.JSONDecodeError) -> JSONResponse:
 @app.exception_handler(HTTPException)
 async def http_error(request: Request, exc: HTTPException) -> Response:
     return await http_exception_handler(request, as_client_mistake(exc))
+
+
+@app.exception_handler(DatabaseUnavailable)
+async def team_database_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+    """A team route while the team database does not answer: 503 naming it (inference goes on, saves are held)."""
+    log.warning("%s %s: 503, %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        status_code=503,
+        content={
+            "detail": f"{exc}. Team features (leases, history, reviews, autosave) wait for it; segmentation "
+            "goes on, and label saves are kept on this server and stored when it answers."
+        },
+    )
 
 
 @app.exception_handler(MONAILabelException)

@@ -46,18 +46,29 @@ class DatabaseVersions(VersionStore):
         super().__init__(root)
         self.url = url
         self._active: tuple[float, str] | None = None  # (monotonic time read, name)
-        with self._transaction() as db:
-            for statement in SCHEMA:
-                db.execute(statement)
+        self._schema = False
+        try:
+            self._ensure_schema()
+        except DatabaseUnavailable as e:  # the last active version is served from this host's copy
+            log.warning("decoder versions: %s; serving %s until it answers", e, super().active())
+
+    def _ensure_schema(self) -> None:
+        if not self._schema:
+            with self._transaction(ensure=False) as db:
+                for statement in SCHEMA:
+                    db.execute(statement)
+            self._schema = True
 
     def __str__(self) -> str:
         return f"{shown(self.url)} (copies in {self.root})"
 
     @contextmanager
-    def _transaction(self) -> Iterator:
+    def _transaction(self, ensure: bool = True) -> Iterator:
         """One write transaction; versions writers queue on one advisory lock."""
         import psycopg
 
+        if ensure:
+            self._ensure_schema()
         db = connect(self.url)
         try:
             with db.transaction():
@@ -71,6 +82,7 @@ class DatabaseVersions(VersionStore):
     def _read(self, query: str, params: tuple = ()) -> list[tuple]:
         import psycopg
 
+        self._ensure_schema()
         try:
             with connect(self.url) as db:
                 return db.execute(query, params).fetchall()

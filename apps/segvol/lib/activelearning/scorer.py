@@ -176,6 +176,8 @@ class BackgroundScorer:
             if self.holder:
                 try:
                     done = self.run_pass()
+                except DatabaseUnavailable as e:
+                    log.warning("background scoring waits for the team store: %s", e)
                 except Exception:  # the model or the archive failed this once: log it, try again later
                     log.exception("background scoring failed; trying again in %.0f s", self.poll)
             if not done:

@@ -4,7 +4,8 @@ across several hosts.
 The same schema, migrations and SQL as the SQLite store (lib/team/store.py); this module only
 speaks PostgreSQL's side of it:
 - each thread keeps one connection (autocommit; a ``connect(write=True)`` block is one
-  transaction) and checks it again after a second unused, so a restarted server costs no request;
+  transaction) and checks it before a write or after a second unused, so a restarted server
+  costs no request;
 - a write transaction first takes one transaction-scoped advisory lock, the equal of SQLite's
   BEGIN IMMEDIATE: writers queue, readers never wait, and a read-then-write (a lease granted
   after reading who holds what, a save claimed after reading the newest) is never interleaved;
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 import psycopg
 
 from lib.team.store import migrate
-from segvol.postgres import AdvisoryLock, connect, lock_key, shown, unavailable
+from segvol.postgres import AdvisoryLock, DatabaseUnavailable, connect, lock_key, shown, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,19 @@ class PostgresStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._local = threading.local()
-        migrate(self, PG_TYPES)
-        log.info("team store: PostgreSQL at %s", shown(url))
+        self._migrated = False
+        self._migrating = threading.Lock()
+        try:
+            self._migrate()
+            log.info("team store: PostgreSQL at %s", shown(url))
+        except DatabaseUnavailable as e:  # the server starts anyway: serving needs no team store
+            log.warning("team store: %s; team routes answer 503 until it does", e)
+
+    def _migrate(self) -> None:
+        with self._migrating:
+            if not self._migrated:
+                migrate(self._connect, PG_TYPES)
+                self._migrated = True
 
     def __str__(self) -> str:
         return shown(self.url)
@@ -100,12 +112,14 @@ class PostgresStore:
     def _open(self) -> Connection:
         return Connection(connect(self.url, row_factory=_rows))
 
-    def _kept(self) -> Connection | None:
+    def _kept(self, write: bool) -> Connection | None:
+        """This thread's connection, checked first when it is about to write or has been unused a
+        while (a restarted server has closed it: a write is never begun on a dead connection)."""
         local = self._local
         db = getattr(local, "db", None) if getattr(local, "pid", None) == os.getpid() else None
         if db is None or db.raw.closed:
             return None
-        if time.monotonic() - db.used > CHECK_AFTER:
+        if write or time.monotonic() - db.used > CHECK_AFTER:
             try:
                 db.raw.execute("SELECT 1")
             except psycopg.Error:
@@ -116,10 +130,18 @@ class PostgresStore:
     @contextmanager
     def connect(self, write: bool = False) -> Iterator[Connection]:
         """A connection; with ``write``, one transaction holding the write lock (see the module
-        docstring). A nested call gets a connection of its own."""
+        docstring). A nested call gets a connection of its own. The schema is brought up to date
+        first, where the database did not answer at start."""
+        if not self._migrated:
+            self._migrate()
+        with self._connect(write) as db:
+            yield db
+
+    @contextmanager
+    def _connect(self, write: bool = False) -> Iterator[Connection]:
         local = self._local
         nested = getattr(local, "busy", False)
-        db = (None if nested else self._kept()) or self._open()
+        db = (None if nested else self._kept(write)) or self._open()
         if not nested:
             local.db, local.pid, local.busy = db, os.getpid(), True
         try:

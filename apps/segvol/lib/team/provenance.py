@@ -21,14 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
+import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from lib.team.store import TeamStore
+from segvol.postgres import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+HELD_RESULTS = 200  # results held in memory while the team database is down
 
 AUTOMATIC, SEMIAUTOMATIC, MANUAL = "AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"
 
@@ -74,6 +81,9 @@ class Provenance:
         self.store = store
         self.per_image = per_image
         self.total = total
+        # results served while the team database did not answer, recorded when it answers (newest kept)
+        self._held: deque[tuple] = deque(maxlen=HELD_RESULTS)
+        self._held_lock = threading.Lock()
 
     # ------------------------------------------------------------------ served results
     def record(
@@ -86,8 +96,38 @@ class Provenance:
         labelmap: np.ndarray,
         names: dict[int, str],
         seconds: float,
+    ) -> int | None:
+        """Record a served label map (``names``: value -> label name); returns the result id, or None
+        while the team database does not answer (the result is held in memory and recorded when it
+        answers, so a label saved from it is still AUTOMATIC)."""
+        args = (image, client, model_version, task, prompts, labelmap, names, seconds, time.time())
+        try:
+            self.flush_held()
+            return self._record(*args)
+        except DatabaseUnavailable as e:
+            self._held.append(args)
+            log.warning("result for %s on %s held in memory (%d held): %s", client, image, len(self._held), e)
+            return None
+
+    def flush_held(self) -> None:
+        """Record the results held while the database was down, oldest first (DatabaseUnavailable if still)."""
+        with self._held_lock:
+            while self._held:
+                self._record(*self._held[0])
+                self._held.popleft()
+
+    def _record(
+        self,
+        image: str,
+        client: str,
+        model_version: str,
+        task: str,
+        prompts: list[dict],
+        labelmap: np.ndarray,
+        names: dict[int, str],
+        seconds: float,
+        served: float,
     ) -> int:
-        """Record a served label map (``names``: value -> label name); returns the result id."""
         masks = []
         for value, name in names.items():
             mask = labelmap == value
@@ -98,7 +138,7 @@ class Provenance:
             rid = db.execute(
                 "INSERT INTO results (image, client, time, model_version, task, prompts, seconds) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (image, client, time.time(), model_version, task, meta, seconds),
+                (image, client, served, model_version, task, meta, seconds),
             ).fetchone()[0]
             db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", [(rid, *m) for m in masks])
             db.execute(

@@ -148,7 +148,7 @@ class TeamStore:
         self._local = threading.local()  # this thread's connection, and whether it is in use
         with self.connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-        migrate(self, SQLITE_TYPES)
+        migrate(self.connect, SQLITE_TYPES)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -191,9 +191,10 @@ class TeamStore:
                 local.busy = False
 
 
-def migrate(store, types: dict[str, str]) -> None:
-    """Apply the migrations ``store`` lacks, in order, each in the write transaction that records it."""
-    with store.connect(write=True) as db:
+def migrate(connect, types: dict[str, str]) -> None:
+    """Apply the migrations a store lacks (``connect``: its connections), in order, in the write
+    transaction that records them."""
+    with connect(write=True) as db:
         db.execute(f"CREATE TABLE IF NOT EXISTS migrations (version INTEGER PRIMARY KEY, applied {types['real']})")
         done = {row[0] for row in db.execute("SELECT version FROM migrations").fetchall()}
         for version, sql in MIGRATIONS:

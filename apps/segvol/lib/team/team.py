@@ -18,12 +18,14 @@ from lib.settings import AppSettings
 from lib.team.autosaves import Autosaves
 from lib.team.conflicts import FinalSaves
 from lib.team.double_reading import DoubleReading
+from lib.team.held import HeldSaves
 from lib.team.leases import Leases
 from lib.team.provenance import Provenance
 from lib.team.reviews import Reviews
 from lib.team.roles import Roles
 from lib.team.store import TeamStore, open_store
 from lib.team.unreadable import Unreadable
+from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Team:
         self.autosaves: Autosaves | None = None
         self.reviews: Reviews | None = None
         self.double: DoubleReading | None = None
+        self.held: HeldSaves | None = None  # saves kept on this host while the team database is down
         self.unreadable = Unreadable()  # images that cannot be read, skipped by every strategy
 
     @classmethod
@@ -54,9 +57,9 @@ class Team:
             settings.lease_minutes, settings.double_read_fraction, Roles(settings.reviewers, settings.self_review)
         )
 
-    def open(self, where: str | Path) -> None:
+    def open(self, where: str | Path, held: Path | None = None) -> None:
         """The team's shared state (leases, served results, saved labels, reviews) at ``where``: an
-        SQLite file or a postgresql:// URL."""
+        SQLite file or a postgresql:// URL; saves are held in the folder ``held`` while it does not answer."""
         store = self.store = open_store(where)
         self.provenance = Provenance(store)
         self.leases = Leases(store, self.lease_minutes)
@@ -64,6 +67,10 @@ class Team:
         self.autosaves = Autosaves(store)
         self.reviews = Reviews(store)
         self.double = DoubleReading(store, self.reviews, self.double_read_fraction)
+        if held is not None:
+            self.held = HeldSaves(held)
+            self.held.replay_record = self._replay
+            self.held.before = self.provenance.flush_held
         log.info("team state (leases, provenance, history, reviews): %s", store)
 
     def blind(self, image_id: str, client: str) -> set[int]:
@@ -88,8 +95,23 @@ class Team:
     def saved(self, image_id: str, tag: str, info: dict, label: np.ndarray | None = None, spacing=None) -> None:
         """A label was stored: its history entry; a final label is submitted for review (a double
         reading keeps its voxels, and the pair's agreement is measured once both are in), ends the
-        leases on the image (a double reading only its reader's) and replaces the annotator's autosave."""
-        if self.provenance is not None:
+        leases on the image (a double reading only its reader's) and replaces the annotator's autosave.
+        With the team database down, the record is held on this host (lib/team/held.py) and written
+        when it answers: each step may run again (the history entry is kept once, in ``info``)."""
+        try:
+            self._saved(image_id, tag, info, label, spacing)
+        except DatabaseUnavailable as e:
+            if self.held is None:
+                raise
+            self.held.hold_record(image_id, tag, info, label, spacing, e)
+            info["held"] = f"{e}: the label is stored; the team's record of it is written when the database answers"
+
+    def _replay(self, request: dict, label: np.ndarray | None) -> None:
+        """A held record written now (HeldSaves.flush); DatabaseUnavailable while still down."""
+        self._saved(request["image"], request["tag"], request["info"], label, request.get("spacing"))
+
+    def _saved(self, image_id: str, tag: str, info: dict, label: np.ndarray | None, spacing) -> None:
+        if self.provenance is not None and "version" not in info:
             info["version"] = self.provenance.record_save(
                 image_id, info["client"], tag, info["model_version"], info["segments"], info.get("SeriesInstanceUID")
             )
@@ -105,7 +127,11 @@ class Team:
         else:
             self.leases.end(image_id)
         self.autosaves.drop(image_id, client)
-        review = self.reviews.submitted(version, image_id, client, lease.granted if lease else None, reading, review_of)
+        review = self.reviews.of(version)  # recorded already when a held record is written again
+        if review is None:
+            review = self.reviews.submitted(
+                version, image_id, client, lease.granted if lease else None, reading, review_of
+            )
         if review_of is not None and info.get("corrections"):
             self.reviews.record_changes(version, info["corrections"])
         if reading and label is not None:

@@ -13,6 +13,7 @@ from lib.rounds.progress import RUNNING, RoundProgress
 from lib.rounds.reviewed import reviewed_labels
 from lib.serving.host import ModelHost
 from lib.team.team import Team
+from segvol.postgres import DatabaseUnavailable
 
 __all__ = ["AppArgs", "SegVolDecoderTrainer"]
 
@@ -47,10 +48,14 @@ class SegVolDecoderTrainer(TrainTask):
     def stats(self) -> dict:
         """The versions, the last round, and the keys OHIF's stock panel draws its bars from
         (epoch / total_epochs while a round runs, total_time once it ended, best_metric = the
-        served version's held-out Dice), so that those bars tell the truth."""
+        served version's held-out Dice), so that those bars tell the truth. With the team database
+        down (versions kept there), what this host serves and the reason: /info must still answer."""
         store = self.service.versions
-        names = store.names()
-        last = store.meta(names[-1]) if names else {}
+        try:
+            names = store.names()
+            last = store.meta(names[-1]) if names else {}
+        except DatabaseUnavailable as e:
+            return {"active": store.active(), "error": str(e)}
         out = {"active": store.active(), "versions": names, "last_round": last}
         progress = RoundProgress(store.root).read()
         if progress:

@@ -1,0 +1,151 @@
+"""Saves held on this host while the team database does not answer, stored when it answers again.
+
+A label save needs the team store: the claim that keeps two saves of an image apart, the served
+results that make a segment AUTOMATIC, the history and review entries. With PostgreSQL down, a
+save is not refused and not half done; it is held whole in ``held-saves/`` beside the datastore
+(the upload, the request, who sent it) and answered 202, then saved through the same pipeline
+once the database answers, oldest first. A save whose label was already stored when the database
+went away (between the SEG and its history entry) holds only the team's record of it, replayed
+the same way. A held save that its replay refuses (a colleague's newer label came first, an
+image gone) is set aside in ``held-saves/refused/`` with the reason, listed by /segvol/status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from segvol.postgres import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+POLL = 2.0  # seconds between tries while saves are held
+
+
+def _since(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+class HeldSaves:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.replay_save: Callable[[dict, Path], None] | None = None  # set by the app: the save route's pipeline
+        self.replay_record: Callable[[dict, np.ndarray | None], None] | None = None  # Team.saved again
+        self.before: Callable[[], None] = lambda: None  # results held meanwhile, recorded first
+        self._lock = threading.Lock()  # one flush at a time in this process
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def refused(self) -> Path:
+        return self.folder / "refused"
+
+    def _entries(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name[0].isdigit())
+
+    def _put(self, request: dict, files: dict[str, Callable[[Path], None]]) -> Path:
+        """A complete entry folder, renamed into place (a kill leaves no half entry)."""
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.folder / f".{name}.partial"
+        tmp.mkdir()
+        for file, write in files.items():
+            write(tmp / file)
+        (tmp / "request.json").write_text(json.dumps(request))
+        tmp.rename(self.folder / name)
+        self._start()
+        return self.folder / name
+
+    def hold_save(self, image: str, tag: str, params: dict, upload: Path, user: str | None, why: Exception) -> dict:
+        """Keep the whole save (``upload`` is moved); what the client is told (HTTP 202)."""
+        request = {"kind": "save", "image": image, "tag": tag, "params": params, "user": user, "since": time.time()}
+        self._put(request, {"label.upload": lambda to: shutil.move(str(upload), to)})
+        log.warning("save of %s (%s) held on this host: %s", image, tag, why)
+        return {
+            "held": True,
+            "image": image,
+            "message": f"{why}. The label is kept on this server and saved as soon as the team database answers "
+            "again; nothing needs to be done.",
+        }
+
+    def hold_record(self, image: str, tag: str, info: dict, label: np.ndarray | None, spacing, why: Exception) -> None:
+        """Keep the team's record of a label that is stored already (Team.saved, replayed later)."""
+        files = {"label.npy": lambda to: np.save(to, label)} if label is not None else {}
+        request = {"kind": "record", "image": image, "tag": tag, "info": info, "since": time.time()}
+        self._put(dict(request, spacing=list(spacing) if spacing is not None else None), files)
+        log.warning("the record of a save of %s is held on this host: %s", image, why)
+
+    def pending(self) -> list[dict]:
+        """Held saves, oldest first, and those set aside (``refused``: the reason), for /segvol/status."""
+        out = []
+        for folder, refused in ((self.folder, False), (self.refused, True)):
+            if not folder.is_dir():
+                continue
+            for entry in sorted(p for p in folder.iterdir() if p.is_dir() and p.name[0].isdigit()):
+                try:
+                    request = json.loads((entry / "request.json").read_text())
+                except (OSError, ValueError):
+                    continue
+                row = {"image": request["image"], "kind": request["kind"], "since": _since(request["since"])}
+                if refused:
+                    row["refused"] = (entry / "reason.txt").read_text() if (entry / "reason.txt").is_file() else ""
+                out.append(row)
+        return out
+
+    def flush(self) -> int:
+        """Replay held saves, oldest first, until one finds the database still down. Returns how many were saved."""
+        done = 0
+        with self._lock:
+            try:
+                self.before()
+            except DatabaseUnavailable:
+                return 0
+            for entry in self._entries():
+                request = json.loads((entry / "request.json").read_text())
+                try:
+                    if request["kind"] == "save":
+                        self.replay_save(request, entry / "label.upload")
+                    else:
+                        npy = entry / "label.npy"
+                        self.replay_record(request, np.load(npy) if npy.is_file() else None)
+                except DatabaseUnavailable:
+                    break
+                except Exception as e:  # the save itself is refused now: kept aside with the reason
+                    reason = getattr(e, "detail", None) or str(e)
+                    self.refused.mkdir(exist_ok=True)
+                    (entry / "reason.txt").write_text(json.dumps(reason) if not isinstance(reason, str) else reason)
+                    entry.rename(self.refused / entry.name)
+                    log.error("held save of %s refused on replay: %s", request.get("image"), reason)
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
+                done += 1
+                log.info("held save of %s stored (held since %s)", request.get("image"), _since(request["since"]))
+        return done
+
+    def _start(self) -> None:
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="held-saves", daemon=True)
+            self._thread.start()
+
+    def start(self) -> None:
+        """Replay what an earlier run of this server held (at start-up)."""
+        if self._entries():
+            self._start()
+
+    def _run(self) -> None:
+        while self._entries():
+            self._wake.wait(POLL)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # a file gone under us, a replay hook not set yet: try again later
+                log.exception("held saves: flush failed; trying again in %.0f s", POLL)

@@ -14,6 +14,7 @@ where it matters:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +36,11 @@ from lib.paths import tag as checked_tag
 from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
 from lib.team.access import Action, Forbidden, Policy
+from lib.team.held import HeldFull
 from lib.team.identity import IdentityError, client_of, current_user
 from segvol.postgres import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def _policy():
@@ -199,12 +203,25 @@ def save_label(
         try:
             saved = instance.datastore().save(known_image(image), str(path), _tag(tag or "final"), save_params)
         except DatabaseUnavailable as e:  # nothing stored yet: the whole save is held, stored when it answers
-            held = instance.team.held.hold_save(image, _tag(tag or "final"), save_params, path, current_user.get(), e)
-            return JSONResponse(status_code=202, content=held)
-        result = instance.on_save_label(image, saved.image) or {}
+            return _hold(image, _tag(tag or "final"), save_params, path, e)
+        try:
+            result = instance.on_save_label(image, saved.image) or {}
+        except DatabaseUnavailable as e:  # the label is stored; the round check runs at the next save
+            log.warning("after the save of %s: %s", image, e)
+            result = {}
     finally:
         path.unlink(missing_ok=True)
     return dict(result, **saved.report(), image=image, label=saved.image)
+
+
+def _hold(image: str, tag: str, params: dict, upload: Path, why: DatabaseUnavailable) -> JSONResponse:
+    """A save held on this host while the team database does not answer (lib/team/held.py): 202."""
+    who(params.get("client_id"))  # an unusable identity is refused now, not on replay
+    try:
+        held = app_instance().team.held.hold_save(image, tag, params, upload, current_user.get(), why)
+    except HeldFull as e:
+        raise HTTPException(status_code=503, detail=str(e)) from why
+    return JSONResponse(status_code=202, content=held)
 
 
 @app.delete("/datastore/label", summary="Delete a label (admin; off without sign-in)")

@@ -31,6 +31,7 @@ from lib.team.identity import IdentityError, client_of, current_user
 from lib.team.leases import WithImages, WithoutImages
 from lib.team.team import Team, store_path
 from segvol.io import ImageReadError
+from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ class SegVolApp(AppAccess, MONAILabelApp):
         signed_in = current_user.set(request["user"])
         try:
             saved = self.datastore().save(request["image"], str(upload), request["tag"], request["params"])
-            self.on_save_label(request["image"], saved.image)
         finally:
             current_user.reset(signed_in)
+        try:
+            self.on_save_label(request["image"], saved.image)
+        except DatabaseUnavailable as e:  # stored: the round check runs at the next save
+            log.warning("after the held save of %s: %s", request["image"], e)
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()

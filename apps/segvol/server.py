@@ -374,6 +374,7 @@ def status(user: Reader, client_id: str | None = None, image: str | None = None)
         "unreadable_images": team.unreadable.as_json(),
         "scoring": instance.scorer.progress() if team.store is not None else None,
         "pending_segs": _pending(instance.datastore()),
+        "held_saves": team.held.pending() if team.held is not None else [],
     }
 
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lib.team.store import TeamStore, upsert
+from segvol.postgres import DatabaseUnavailable
 
 CLAIM_SECONDS = 300.0  # longer than any save (a SEG written and handed to the outbox)
 WAIT_SECONDS = 60.0  # how long a save waits for another save of the same image
@@ -57,6 +58,7 @@ class FinalSaves:
     def __init__(self, store: TeamStore, clock=time.time) -> None:
         self.store = store
         self.clock = clock
+        self._abandoned: set[str] = set()  # claims of saves done while the database went away
 
     def newest(self, image: str, ignore: set[int] = frozenset()) -> dict | None:
         """The image's newest final label but those in ``ignore``: its version (the save's id), who
@@ -80,12 +82,18 @@ class FinalSaves:
         try:
             yield
         finally:
-            with self.store.connect(write=True) as db:
-                db.execute("DELETE FROM save_claims WHERE image = ? AND token = ?", (image, token))
+            try:
+                with self.store.connect(write=True) as db:
+                    db.execute("DELETE FROM save_claims WHERE token = ?", (token,))
+            except DatabaseUnavailable:  # the label is stored: its claim is removed at the next claim
+                self._abandoned.add(token)
 
     def _claim(self, image: str, client: str, token: str, base: int | None, force: bool, ignore: set[int]) -> bool:
         """True once the image is claimed for this save; False while another save holds it."""
+        abandoned = set(self._abandoned)
         with self.store.connect(write=True) as db:
+            db.executemany("DELETE FROM save_claims WHERE token = ?", [(t,) for t in abandoned])
+            self._abandoned -= abandoned
             now = self.clock()
             claim = db.execute("SELECT token, since FROM save_claims WHERE image = ?", (image,)).fetchone()
             if claim is not None and now - claim["since"] < CLAIM_SECONDS and _alive(claim["token"]):

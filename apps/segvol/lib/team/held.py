@@ -22,12 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 POLL = 2.0  # seconds between tries while saves are held
+MAX_HELD = 500  # saves held at once: past it, a save is refused (503), so a long outage cannot fill the disk
+
+
+class HeldFull(RuntimeError):
+    """MAX_HELD saves are held already; the message says so."""
 
 
 def _since(t: float) -> str:
@@ -41,7 +47,7 @@ class HeldSaves:
         self.replay_save: Callable[[dict, Path], None] | None = None  # set by the app: the save route's pipeline
         self.replay_record: Callable[[dict, np.ndarray | None], None] | None = None  # Team.saved again
         self.before: Callable[[], None] = lambda: None  # results held meanwhile, recorded first
-        self._lock = threading.Lock()  # one flush at a time in this process
+        self._lock = FileLock(str(folder / ".flush.lock"))  # one flush at a time: the host's replicas share the folder
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -66,6 +72,11 @@ class HeldSaves:
 
     def hold_save(self, image: str, tag: str, params: dict, upload: Path, user: str | None, why: Exception) -> dict:
         """Keep the whole save (``upload`` is moved); what the client is told (HTTP 202)."""
+        if len(self._entries()) >= MAX_HELD:
+            raise HeldFull(
+                f"{why}, and {MAX_HELD} saves are held on this server already: keep the label in the viewer "
+                "and save it again once the team database answers"
+            )
         request = {"kind": "save", "image": image, "tag": tag, "params": params, "user": user, "since": time.time()}
         self._put(request, {"label.upload": lambda to: shutil.move(str(upload), to)})
         log.warning("save of %s (%s) held on this host: %s", image, tag, why)
@@ -103,7 +114,11 @@ class HeldSaves:
     def flush(self) -> int:
         """Replay held saves, oldest first, until one finds the database still down. Returns how many were saved."""
         done = 0
-        with self._lock:
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:  # another replica of this host is storing them
+            return 0
+        try:
             try:
                 self.before()
             except DatabaseUnavailable:
@@ -128,6 +143,8 @@ class HeldSaves:
                 shutil.rmtree(entry, ignore_errors=True)
                 done += 1
                 log.info("held save of %s stored (held since %s)", request.get("image"), _since(request["since"]))
+        finally:
+            self._lock.release()
         return done
 
     def _start(self) -> None:

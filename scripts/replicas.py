@@ -16,7 +16,9 @@ still holds it (a request of up to 64 kB: prompts, not label uploads); anything 
 
 What the replicas must agree on is shared: the team store (SQLite beside the datastore cache:
 leases, served results, saves), the versions folder (one round at a time through its lock file;
-each replica serves the ACTIVE version at its next request) and the archive itself.
+each replica serves the ACTIVE version at its next request) and the archive itself. With
+``--conf team_db postgresql://...`` the team store, the versions and the round lock are in
+PostgreSQL instead, and several hosts, each running this, are one team (docs/scaling.md).
 
 With GPUs, replica n sees GPU n % count alone (CUDA_VISIBLE_DEVICES). HAProxy is Debian's
 ``haproxy`` package (scripts/setup.sh installs it).

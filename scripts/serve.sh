@@ -4,6 +4,8 @@
 # --local serves the sample-datastore/ folder directly instead (no archive; OHIF needs DICOMweb).
 # --replicas N starts N MONAI Label processes (one per GPU where there are GPUs) behind HAProxy on
 # SEGVOL_PORT, routed by image (scripts/replicas.py; docs/scaling.md).
+# --conf team_db postgresql://user:password@host:5432/db puts the team store and the decoder versions in
+# PostgreSQL: several hosts running this with the same URL are one team (docs/scaling.md).
 # Other arguments go to MONAI Label's start_server, e.g.
 #   bash scripts/serve.sh --conf weights /path/to/BAAI-SegVol     (official weights)
 #   bash scripts/serve.sh --conf weights seeded                   (untrained demo weights)

@@ -65,7 +65,8 @@ class AdvisoryLock:
     def acquire(self, timeout: float | None = None) -> bool:
         import psycopg
 
-        if self._db is None or self._db.closed:
+        fresh = self._db is None or self._db.closed
+        if fresh:
             self._db = connect(self.url)
         try:
             if timeout == 0:
@@ -78,6 +79,8 @@ class AdvisoryLock:
             return False
         except psycopg.OperationalError as e:
             self._db.close()
+            if not fresh:  # the kept connection died with a restarted server: once more on a new one
+                return self.acquire(timeout)
             raise unavailable(self.url, e) from e
 
     def release(self) -> None:

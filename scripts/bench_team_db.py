@@ -117,8 +117,9 @@ def save_worker(where: str, host: int, threads: int, saves: int, out) -> None:
 
 
 def run(target, where: str, hosts: int, *args) -> list:
-    out = mp.Queue()
-    procs = [mp.Process(target=target, args=(where, h, *args, out)) for h in range(hosts)]
+    ctx = mp.get_context("spawn")  # no lock or connection of this process inherited by a fork
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(where, h, *args, out)) for h in range(hosts)]
     for p in procs:
         p.start()
     got = [out.get() for _ in procs]

@@ -59,6 +59,15 @@ def _team(where: str) -> Team:
     return team
 
 
+def together(annotator, threads: int) -> None:
+    """``annotator(n)`` in ``threads`` threads at once, until each is done."""
+    workers = [threading.Thread(target=annotator, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def lease_worker(where: str, host: int, threads: int, images: int, seconds: float, out) -> None:
     """One host: ``threads`` annotators asking for the next image until the time is up."""
     team, datastore = _team(where), Images(images)
@@ -73,11 +82,7 @@ def lease_worker(where: str, host: int, threads: int, images: int, seconds: floa
             with lock:
                 picks.append(result["id"])
 
-    workers = [threading.Thread(target=annotator, args=(n,)) for n in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    together(annotator, threads)
     out.put(picks)
 
 
@@ -108,11 +113,7 @@ def save_worker(where: str, host: int, threads: int, saves: int, out) -> None:
                 seconds.append(time.perf_counter() - t0)
             assert origin.type == "AUTOMATIC", origin
 
-    workers = [threading.Thread(target=annotator, args=(n,)) for n in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    together(annotator, threads)
     out.put(seconds)
 
 

@@ -10,6 +10,7 @@ where a database is used.
 from __future__ import annotations
 
 import hashlib
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 CONNECT_TIMEOUT = 5  # seconds: a database that does not answer is reported, not waited on
@@ -27,9 +28,9 @@ def is_url(where: object) -> bool:
 def shown(url: str) -> str:
     """A database URL without its password, for logs and messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return urlunsplit(parts._replace(query=re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)))
 
 
 def lock_key(name: str) -> int:
@@ -82,6 +83,14 @@ class AdvisoryLock:
             if not fresh:  # the kept connection died with a restarted server: once more on a new one
                 return self.acquire(timeout)
             raise unavailable(self.url, e) from e
+
+    def held(self) -> bool:
+        """Whether the session that took it still lives (a restarted server ends it, and the lock)."""
+        try:
+            return self._db is not None and not self._db.closed and self._db.execute("SELECT 1") is not None
+        except Exception:
+            self._db.close()
+            return False
 
     def release(self) -> None:
         if self._db is None:

@@ -60,6 +60,15 @@ def _series(hosts, n: int) -> str:
     return hosts["archive"].series[f"ct{n}"]
 
 
+def _infer(url: str, image: str, client: str, output: str = "json") -> requests.Response:
+    return requests.post(
+        f"{url}/infer/segvol",
+        params={"image": image, "output": output},
+        files={"params": (None, json.dumps({"label_prompt": [LIVER], "client_id": client}))},
+        timeout=120,
+    )
+
+
 def _labels(url: str, image: str) -> list[dict]:
     r = requests.get(f"{url}/segvol/labels", params={"image": image}, timeout=60)
     assert r.status_code == 200, r.text
@@ -87,12 +96,7 @@ def test_eight_annotators_on_two_hosts_get_eight_images(hosts):
 
 def test_a_result_served_on_one_host_saved_unedited_on_the_other_is_automatic(hosts):
     image = _series(hosts, AUTOMATIC_IMAGE)
-    r = requests.post(
-        f"{hosts['A'].url}/infer/segvol",
-        params={"image": image, "output": "all"},
-        files={"params": (None, json.dumps({"label_prompt": [LIVER], "client_id": "ada"}))},
-        timeout=120,
-    )
+    r = _infer(hosts["A"].url, image, "ada", output="all")
     assert r.status_code == 200, r.text
     parts = MultipartDecoder(r.content, r.headers["content-type"]).parts
     served_by = r.headers["X-SegVol-Replica"]
@@ -141,12 +145,7 @@ def test_a_round_on_one_host_is_promoted_and_served_by_the_other(hosts):
     # every replica of host B serves it within seconds (no shared folder: B copies it from PostgreSQL)
     for replica in b.replicas:
         until(lambda r=replica: _status(r.url)["model_version"].endswith(f"+{version}"), timeout=10)
-    r = requests.post(
-        f"{b.url}/infer/segvol",
-        params={"image": _series(hosts, 9), "output": "json"},
-        files={"params": (None, json.dumps({"label_prompt": [LIVER], "client_id": "after"}))},
-        timeout=120,
-    )
+    r = _infer(b.url, _series(hosts, 9), "after")
     assert r.status_code == 200 and r.json()["model_version"].endswith(f"+{version}"), r.text
     copies = b.work.parent / "versions" / version
     assert (copies / "decoder.safetensors").is_file(), list(copies.parent.iterdir())
@@ -185,12 +184,7 @@ def test_postgresql_down_inference_goes_on_saves_are_held_and_stored_when_it_ret
     a = hosts["A"]
     pg.stop()
     try:
-        r = requests.post(
-            f"{a.url}/infer/segvol",
-            params={"image": image, "output": "json"},
-            files={"params": (None, json.dumps({"label_prompt": [LIVER], "client_id": "down"}))},
-            timeout=120,
-        )
+        r = _infer(a.url, image, "down")
         assert r.status_code == 200, r.text
         r = requests.get(f"{a.url}/segvol/labels", params={"image": image}, timeout=60)
         assert r.status_code == 503 and "team database" in r.json()["detail"], r.text

@@ -37,7 +37,7 @@ from lib.serving.limits import check_json_text, check_sizes
 from lib.serving.validation import RequestError, params_object
 from lib.team.access import Action, Forbidden, Policy
 from lib.team.held import HeldFull
-from lib.team.identity import IdentityError, client_of, current_user
+from lib.team.identity import IdentityError, client_of, current_roles, current_user
 from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,8 @@ def _hold(image: str, tag: str, params: dict, upload: Path, why: DatabaseUnavail
     """A save held on this host while the team database does not answer (lib/team/held.py): 202."""
     who(params.get("client_id"))  # an unusable identity is refused now, not on replay
     try:
-        held = app_instance().team.held.hold_save(image, tag, params, upload, current_user.get(), why)
+        sender = (current_user.get(), current_roles.get())
+        held = app_instance().team.held.hold_save(image, tag, params, upload, sender, why)
     except HeldFull as e:
         raise HTTPException(status_code=503, detail=str(e)) from why
     return JSONResponse(status_code=202, content=held)

@@ -27,11 +27,10 @@ from lib.rounds.schedule import RoundSchedule
 from lib.serving.host import ModelHost
 from lib.serving.limits import MAX_NAME_CHARS
 from lib.settings import HELP, ConfError
-from lib.team.identity import IdentityError, client_of, current_user
+from lib.team.identity import IdentityError, client_of, current_roles, current_user
 from lib.team.leases import WithImages, WithoutImages
 from lib.team.team import Team, store_path
 from segvol.io import ImageReadError
-from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +74,16 @@ class SegVolApp(AppAccess, MONAILabelApp):
 
     def _replay_save(self, request: dict, upload: Path) -> None:
         """A save held while the team database was down, through the save route's pipeline, as its sender."""
-        signed_in = current_user.set(request["user"])
+        signed_in = current_user.set(request["user"]), current_roles.set(tuple(request.get("roles", ())))
         try:
             saved = self.datastore().save(request["image"], str(upload), request["tag"], request["params"])
         finally:
-            current_user.reset(signed_in)
+            current_user.reset(signed_in[0])
+            current_roles.reset(signed_in[1])
         try:
             self.on_save_label(request["image"], saved.image)
-        except DatabaseUnavailable as e:  # stored: the round check runs at the next save
-            log.warning("after the held save of %s: %s", request["image"], e)
+        except Exception:  # stored: the round check runs at the next save
+            log.exception("after the held save of %s", request["image"])
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()

@@ -14,21 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load, load_file, save
 
 from segvol.postgres import AdvisoryLock, DatabaseUnavailable, connect, lock_key, shown, unavailable
-from segvol.training.versions import BASE, VersionError, VersionStore, _atomic_write
+from segvol.training.versions import BASE, VersionError, VersionStore, _atomic_write, _sha256
 
 log = logging.getLogger(__name__)
 
 FRESH = 1.0  # seconds a read of the active pointer is reused
+DOWN_RETRY = 10.0  # seconds between tries while the database does not answer
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS model_versions (name TEXT PRIMARY KEY, meta TEXT NOT NULL, weights BYTEA NOT NULL)",
     "CREATE TABLE IF NOT EXISTS model_active (one INTEGER PRIMARY KEY CHECK (one = 1), name TEXT NOT NULL)",
@@ -111,11 +114,13 @@ class DatabaseVersions(VersionStore):
         return name
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
-        """The version's tensors: this host's copy when it matches its sha256, else fetched once."""
-        try:
-            return super().load(name)
-        except VersionError:
-            pass
+        """The version's tensors: this host's copy when it matches its sha256 (its own meta.json), else
+        fetched once."""
+        copy = self.root / name
+        meta = copy / "meta.json"
+        weights = copy / "decoder.safetensors"
+        if meta.is_file() and weights.is_file() and _sha256(weights) == json.loads(meta.read_text()).get("sha256"):
+            return load_file(str(weights))
         rows = self._read("SELECT meta, weights FROM model_versions WHERE name = %s", (name,))
         if not rows:
             raise VersionError(f"no version {name!r} in the team database {shown(self.url)}")
@@ -126,33 +131,39 @@ class DatabaseVersions(VersionStore):
         return load(data)
 
     def _keep(self, name: str, meta: dict, data: bytes) -> None:
-        """This host's copy, in the folder layout (a complete folder renamed into place)."""
-        tmp = self.root / f".{name}.copy.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
+        """This host's copy, in the folder layout: a complete folder renamed into place. The replicas
+        of a host share the folder: whichever renames first wins, a damaged copy is put aside first."""
+        tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.copy.partial"
         tmp.mkdir()
-        (tmp / "decoder.safetensors").write_bytes(data)
-        _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        tmp.rename(self.root / name)
+        try:
+            (tmp / "decoder.safetensors").write_bytes(data)
+            _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            target = self.root / name
+            if target.exists():  # a copy that did not match its sha256: out of the way, then replaced
+                target.rename(self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.damaged.partial")
+            tmp.rename(target)
+        except OSError:  # another replica put its copy there meanwhile: it is the same bytes
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def active(self) -> str:
         """The active version, read at most FRESH seconds ago; while the database does not answer,
         the last one read (or this host's ACTIVE copy), so serving goes on."""
         now = time.monotonic()
-        if self._active is not None and now - self._active[0] < FRESH:
+        if self._active is not None and now < self._active[0]:
             return self._active[1]
         try:
             rows = self._read("SELECT name FROM model_active")
         except DatabaseUnavailable as e:
             known = self._active[1] if self._active else super().active()
-            if self._active is None or now - self._active[0] > 30:
-                log.warning("serving %s: %s", known, e)
-            self._active = (now, known)
+            log.warning("serving %s; asking again in %.0f s: %s", known, DOWN_RETRY, e)
+            self._active = (time.monotonic() + DOWN_RETRY, known)  # a timeout is not waited on each request
             return known
         name = rows[0][0] if rows else BASE
         if self._active is None or self._active[1] != name:
             _atomic_write(self.root / "ACTIVE", name + "\n")  # this host's copy, for a start without the database
-        self._active = (now, name)
+        self._active = (now + FRESH, name)
         return name
 
     def activate(self, name: str, reason: str) -> None:

@@ -165,6 +165,8 @@ class BackgroundScorer:
     def _run(self) -> None:
         self.service.wait()
         while not self._stop.is_set():
+            if self.holder and not self._lock.held():  # a restarted database ended the session and its lock
+                self.holder = False
             if not self.holder:
                 try:
                     self.holder = self._lock.acquire(timeout=0)

@@ -90,10 +90,12 @@ class FinalSaves:
 
     def _claim(self, image: str, client: str, token: str, base: int | None, force: bool, ignore: set[int]) -> bool:
         """True once the image is claimed for this save; False while another save holds it."""
-        abandoned = set(self._abandoned)
-        with self.store.connect(write=True) as db:
-            db.executemany("DELETE FROM save_claims WHERE token = ?", [(t,) for t in abandoned])
+        if self._abandoned:
+            abandoned = set(self._abandoned)
+            with self.store.connect(write=True) as db:
+                db.executemany("DELETE FROM save_claims WHERE token = ?", [(t,) for t in abandoned])
             self._abandoned -= abandoned
+        with self.store.connect(write=True) as db:
             now = self.clock()
             claim = db.execute("SELECT token, since FROM save_claims WHERE image = ?", (image,)).fetchone()
             if claim is not None and now - claim["since"] < CLAIM_SECONDS and _alive(claim["token"]):

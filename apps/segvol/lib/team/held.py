@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from fastapi import HTTPException
 from filelock import FileLock, Timeout
 
 from segvol.postgres import DatabaseUnavailable
@@ -29,7 +31,8 @@ from segvol.postgres import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 POLL = 2.0  # seconds between tries while saves are held
-MAX_HELD = 500  # saves held at once: past it, a save is refused (503), so a long outage cannot fill the disk
+MAX_HELD = 500  # saves held at once (and set aside): past it, or past MAX_HELD_BYTES, a save is refused (503),
+MAX_HELD_BYTES = 16 * 2**30  # so a long outage cannot fill the disk
 
 
 class HeldFull(RuntimeError):
@@ -55,11 +58,12 @@ class HeldSaves:
     def refused(self) -> Path:
         return self.folder / "refused"
 
-    def _entries(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name[0].isdigit())
+    def _entries(self, folder: Path | None = None) -> list[Path]:
+        return sorted(p for p in (folder or self.folder).iterdir() if p.is_dir() and p.name[0].isdigit())
 
     def _put(self, request: dict, files: dict[str, Callable[[Path], None]]) -> Path:
         """A complete entry folder, renamed into place (a kill leaves no half entry)."""
+        request = dict(request, since=time.time(), pid=os.getpid())  # the replica whose held results it needs
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         tmp = self.folder / f".{name}.partial"
         tmp.mkdir()
@@ -70,14 +74,20 @@ class HeldSaves:
         self._start()
         return self.folder / name
 
-    def hold_save(self, image: str, tag: str, params: dict, upload: Path, user: str | None, why: Exception) -> dict:
-        """Keep the whole save (``upload`` is moved); what the client is told (HTTP 202)."""
-        if len(self._entries()) >= MAX_HELD:
+    def hold_save(
+        self, image: str, tag: str, params: dict, upload: Path, sender: tuple[str | None, tuple], why: Exception
+    ) -> dict:
+        """Keep the whole save (``upload`` is moved) with ``sender`` (the signed-in user and roles, when
+        authentication is on); what the client is told (HTTP 202)."""
+        entries = self._entries() + (self._entries(self.refused) if self.refused.is_dir() else [])
+        size = sum(f.stat().st_size for e in entries for f in e.iterdir() if f.is_file())
+        if len(entries) >= MAX_HELD or size + upload.stat().st_size > MAX_HELD_BYTES:
             raise HeldFull(
-                f"{why}, and {MAX_HELD} saves are held on this server already: keep the label in the viewer "
-                "and save it again once the team database answers"
+                f"{why}, and this server holds {len(entries)} saves ({size / 2**30:.1f} GiB) already: keep the "
+                "label in the viewer and save it again once the team database answers"
             )
-        request = {"kind": "save", "image": image, "tag": tag, "params": params, "user": user, "since": time.time()}
+        user, roles = sender
+        request = {"kind": "save", "image": image, "tag": tag, "params": params, "user": user, "roles": list(roles)}
         self._put(request, {"label.upload": lambda to: shutil.move(str(upload), to)})
         log.warning("save of %s (%s) held on this host: %s", image, tag, why)
         return {
@@ -90,7 +100,7 @@ class HeldSaves:
     def hold_record(self, image: str, tag: str, info: dict, label: np.ndarray | None, spacing, why: Exception) -> None:
         """Keep the team's record of a label that is stored already (Team.saved, replayed later)."""
         files = {"label.npy": lambda to: np.save(to, label)} if label is not None else {}
-        request = {"kind": "record", "image": image, "tag": tag, "info": info, "since": time.time()}
+        request = {"kind": "record", "image": image, "tag": tag, "info": info}
         self._put(dict(request, spacing=list(spacing) if spacing is not None else None), files)
         log.warning("the record of a save of %s is held on this host: %s", image, why)
 
@@ -125,6 +135,8 @@ class HeldSaves:
                 return 0
             for entry in self._entries():
                 request = json.loads((entry / "request.json").read_text())
+                if not self._mine(request):
+                    continue  # the replica that held it records its results first, then replays it
                 try:
                     if request["kind"] == "save":
                         self.replay_save(request, entry / "label.upload")
@@ -133,12 +145,13 @@ class HeldSaves:
                         self.replay_record(request, np.load(npy) if npy.is_file() else None)
                 except DatabaseUnavailable:
                     break
+                except HTTPException as e:
+                    if e.status_code >= 500:  # the archive or the app is not ready: try again later
+                        break
+                    self._set_aside(entry, request, e.detail)
+                    continue
                 except Exception as e:  # the save itself is refused now: kept aside with the reason
-                    reason = getattr(e, "detail", None) or str(e)
-                    self.refused.mkdir(exist_ok=True)
-                    (entry / "reason.txt").write_text(json.dumps(reason) if not isinstance(reason, str) else reason)
-                    entry.rename(self.refused / entry.name)
-                    log.error("held save of %s refused on replay: %s", request.get("image"), reason)
+                    self._set_aside(entry, request, f"{type(e).__name__}: {e}")
                     continue
                 shutil.rmtree(entry, ignore_errors=True)
                 done += 1
@@ -146,6 +159,27 @@ class HeldSaves:
         finally:
             self._lock.release()
         return done
+
+    @staticmethod
+    def _mine(request: dict) -> bool:
+        """Whether this process replays the entry: it held it, or the process that did is gone."""
+        pid = request.get("pid")
+        if pid is None or pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _set_aside(self, entry: Path, request: dict, reason: object) -> None:
+        text = reason if isinstance(reason, str) else json.dumps(reason)
+        self.refused.mkdir(exist_ok=True)
+        (entry / "reason.txt").write_text(text)
+        entry.rename(self.refused / entry.name)
+        log.error("held save of %s refused on replay: %s", request.get("image"), text)
 
     def _start(self) -> None:
         self._wake.set()
@@ -159,6 +193,7 @@ class HeldSaves:
             self._start()
 
     def _run(self) -> None:
+        time.sleep(POLL)  # at start-up: the app finishes building before anything is replayed
         while self._entries():
             self._wake.wait(POLL)
             self._wake.clear()

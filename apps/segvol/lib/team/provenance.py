@@ -36,6 +36,7 @@ from segvol.postgres import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 HELD_RESULTS = 200  # results held in memory while the team database is down
+DOWN_RETRY = 10.0  # seconds a result is held without asking the database that was just found down
 
 AUTOMATIC, SEMIAUTOMATIC, MANUAL = "AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"
 
@@ -76,14 +77,30 @@ class Origin:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Served:
+    """A served label map, as recorded (``names``: value -> label name; ``time``: when it was served)."""
+
+    image: str
+    client: str
+    model_version: str
+    task: str
+    prompts: list[dict]
+    labelmap: np.ndarray
+    names: dict[int, str]
+    seconds: float
+    time: float
+
+
 class Provenance:
     def __init__(self, store: TeamStore, per_image: int = 16, total: int = 2000) -> None:
         self.store = store
         self.per_image = per_image
         self.total = total
         # results served while the team database did not answer, recorded when it answers (newest kept)
-        self._held: deque[tuple] = deque(maxlen=HELD_RESULTS)
+        self._held: deque[Served] = deque(maxlen=HELD_RESULTS)
         self._held_lock = threading.Lock()
+        self._down_until = 0.0  # monotonic time before which the database is not asked again
 
     # ------------------------------------------------------------------ served results
     def record(
@@ -100,12 +117,16 @@ class Provenance:
         """Record a served label map (``names``: value -> label name); returns the result id, or None
         while the team database does not answer (the result is held in memory and recorded when it
         answers, so a label saved from it is still AUTOMATIC)."""
-        args = (image, client, model_version, task, prompts, labelmap, names, seconds, time.time())
+        served = Served(image, client, model_version, task, prompts, labelmap, names, seconds, time.time())
+        if time.monotonic() < self._down_until:  # found down a moment ago: no connect timeout per result
+            self._held.append(served)
+            return None
         try:
             self.flush_held()
-            return self._record(*args)
+            return self._record(served)
         except DatabaseUnavailable as e:
-            self._held.append(args)
+            self._held.append(served)
+            self._down_until = time.monotonic() + DOWN_RETRY
             log.warning("result for %s on %s held in memory (%d held): %s", client, image, len(self._held), e)
             return None
 
@@ -113,32 +134,22 @@ class Provenance:
         """Record the results held while the database was down, oldest first (DatabaseUnavailable if still)."""
         with self._held_lock:
             while self._held:
-                self._record(*self._held[0])
+                self._record(self._held[0])
                 self._held.popleft()
 
-    def _record(
-        self,
-        image: str,
-        client: str,
-        model_version: str,
-        task: str,
-        prompts: list[dict],
-        labelmap: np.ndarray,
-        names: dict[int, str],
-        seconds: float,
-        served: float,
-    ) -> int:
+    def _record(self, served: Served) -> int:
+        image, labelmap, names = served.image, served.labelmap, served.names
         masks = []
         for value, name in names.items():
             mask = labelmap == value
             bits = _bits(mask)
             masks.append((value, name, _digest(bits, labelmap.shape), int(mask.sum()), zlib.compress(bits, 1)))
-        meta = json.dumps({"shape": list(labelmap.shape), "prompts": prompts})
+        meta = json.dumps({"shape": list(labelmap.shape), "prompts": served.prompts})
         with self.store.connect(write=True) as db:
             rid = db.execute(
                 "INSERT INTO results (image, client, time, model_version, task, prompts, seconds) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (image, client, served, model_version, task, meta, seconds),
+                (image, served.client, served.time, served.model_version, served.task, meta, served.seconds),
             ).fetchone()[0]
             db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", [(rid, *m) for m in masks])
             db.execute(

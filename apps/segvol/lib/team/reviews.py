@@ -19,11 +19,15 @@ the other is told who did what first (ReviewConflict, HTTP 409); nothing is lost
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 
 from lib.team.store import TeamStore
+from segvol.postgres import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 WAITING, SUBMITTED, APPROVED, RETURNED = "waiting", "submitted", "approved", "returned"
 RESUBMITTED, CORRECTED, ADJUDICATED, SUPERSEDED = "resubmitted", "corrected", "adjudicated", "superseded"
@@ -83,7 +87,10 @@ class Reviews:
     def __init__(self, store: TeamStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
-        self._adopt_earlier_saves()
+        try:
+            self._adopt_earlier_saves()
+        except DatabaseUnavailable as e:  # the server starts without its database; adopted at the next start
+            log.warning("reviews: earlier saves not adopted now: %s", e)
 
     def _adopt_earlier_saves(self) -> None:
         """Each image's newest final label saved before reviews were recorded (a store from an

@@ -108,6 +108,10 @@ class Lock(Protocol):
 
     def release(self) -> None: ...
 
+    def held(self) -> bool:
+        """Whether a lock taken is still this process's (a database session may end under it)."""
+        ...
+
 
 class FileStoreLock:
     """A lock file beside the SQLite file: ``acquire(0)`` tries once, ``acquire()`` waits."""
@@ -124,6 +128,9 @@ class FileStoreLock:
 
     def release(self) -> None:
         self._lock.release()
+
+    def held(self) -> bool:
+        return self._lock.is_locked
 
 
 @contextmanager

@@ -233,6 +233,8 @@ def test_a_hundred_bad_requests_get_4xx_and_the_server_stays_up(server, tmp_path
     assert good.status_code == 200 and good.json()["label_names"] == {"liver": 1}
     after = _snapshot(server.studies)
     changed = {p for p in set(after) | set(before) if after.get(p) != before.get(p)}
+    # the team store's lock files (the scorer takes its lock whenever its thread starts) are bookkeeping
+    changed = {p for p in changed if not (p.parts[0] == ".segvol" and p.name.endswith(".lock"))}
     # no label, no escaped file; the team store's SQLite journal changes with the scorer's scores and the leases
     journal = {Path(".segvol/team.sqlite-wal"), Path(".segvol/team.sqlite-shm")}
     assert changed <= {Path("datastore_v2.json"), Path(".lock")} | journal, sorted(changed)

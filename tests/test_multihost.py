@@ -30,10 +30,11 @@ pytestmark = pytest.mark.dicomweb
 LIVER = 1
 SHAPE = (64, 56, 12)
 SPACING = (4.0, 4.0, 8.0)
-IMAGES = 16
+IMAGES = 18
 ROUND = {"train_steps": "40", "promote_min_gain": "-1", "promote_replay_margin": "1"}
 # which images each test labels, so that any order of the tests leaves 8 unlabelled for the next-image test
 ROUND_IMAGES, AUTOMATIC_IMAGE, RESTART_IMAGES, DOWN_IMAGE = (0, 1, 2), 3, (4, 5, 6, 7), 8
+assert IMAGES - len(ROUND_IMAGES) - len(RESTART_IMAGES) - 2 >= 8
 
 
 def _label(seed: int) -> np.ndarray:

@@ -51,8 +51,15 @@ class Row(tuple):
         return list(self.names)
 
 
-def _rows(cursor):
-    kind = type("Row", (Row,), {"names": {d.name: i for i, d in enumerate(cursor.description or ())}})
+_KINDS: dict[tuple[str, ...], type[Row]] = {}
+
+
+def _rows(cursor) -> type[Row]:
+    """psycopg's row factory: one Row class per column list, made once (every query asks)."""
+    names = tuple(d.name for d in cursor.description or ())
+    kind = _KINDS.get(names)
+    if kind is None:
+        kind = _KINDS[names] = type("Row", (Row,), {"names": {name: i for i, name in enumerate(names)}})
     return kind
 
 
